@@ -1,0 +1,1 @@
+"""GCS emulator fixtures (fake-gcs-server). Filled in by the storage work."""

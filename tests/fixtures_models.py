@@ -1,0 +1,1 @@
+"""Session-scoped tiny model and demo data fixtures."""
