@@ -1,73 +1,399 @@
 """google-cloud-storage backend for :mod:`components.common.storage` (gs:// URIs).
 
-Honours ``STORAGE_EMULATOR_HOST`` (fake-gcs-server in tests) with anonymous credentials.
+Use it through ``storage``; these functions take ``(bucket, name)`` pairs already validated there.
+
+- Credentials: ``STORAGE_EMULATOR_HOST`` set (fake-gcs-server in tests) -> ``AnonymousCredentials`` against it;
+  otherwise Application Default Credentials (the service account on Vertex/Kubeflow). One client per
+  emulator host, cached: :func:`client` follows ``STORAGE_EMULATOR_HOST`` changes; ``client.cache_clear()``
+  drops cached clients.
+- Retries: every call passes :func:`retry_policy` (the library's ``DEFAULT_RETRY`` predicate: 408/429/5xx,
+  connection resets, timeouts; exponential backoff with jitter, bounded by a deadline). Create-only uploads
+  are retried too: they carry ``if_generation_match=0``, so a retry cannot overwrite, and a 412 after a lost
+  response is resolved by a per-write token in the object's metadata.
+- Trees: :func:`upload_dir` / :func:`download_dir` use ``transfer_manager`` with thread workers. The transfer
+  manager hands back one result per file and never retries a failed file as a whole; we check every
+  result, re-run transient failures in rounds with backoff, and raise :class:`StorageError` naming the
+  files that still failed. A file is never dropped silently (path-escaping names included).
 """
 from __future__ import annotations
 
 import functools
+import logging
+import mimetypes
 import os
+import random
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, TypeVar
+
+from components.common.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Custom-metadata key holding the random token of the write that created an object (see write_if_absent).
+WRITER_TOKEN_KEY = "vlmtune-writer-token"
+#: Uploads at most this big go as one multipart request (preconditions honoured everywhere, emulator too).
+MULTIPART_LIMIT = 8 * 1024 * 1024
+#: Rounds a tree transfer re-runs its transiently failed files (each file also retried per request).
+TRANSFER_ROUNDS = 4
 
 
-@functools.lru_cache(maxsize=1)
-def client():
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise StorageError(f"{name}={raw!r} is not a number") from e
+
+
+def retry_deadline_s() -> float:
+    return _env_float("VLMTUNE_GCS_RETRY_DEADLINE_S", 300.0)
+
+
+def retry_policy():
+    """DEFAULT_RETRY's predicate with our backoff and deadline (read from the environment at call time)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_delay(
+        initial=_env_float("VLMTUNE_GCS_RETRY_INITIAL_S", 1.0),
+        maximum=_env_float("VLMTUNE_GCS_RETRY_MAX_S", 32.0),
+        multiplier=2.0,
+    ).with_timeout(retry_deadline_s())
+
+
+def request_timeout() -> float:
+    return _env_float("VLMTUNE_GCS_TIMEOUT_S", 60.0)
+
+
+def max_workers() -> int:
+    return max(1, int(_env_float("VLMTUNE_GCS_MAX_WORKERS", 8)))
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+@functools.lru_cache(maxsize=8)
+def _client_for(emulator_host: str | None, project: str | None):
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
+    if emulator_host:
         from google.auth.credentials import AnonymousCredentials
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials())
-    return storage.Client()
-
-
-def read_bytes(bucket: str, name: str) -> bytes:
-    from google.api_core.exceptions import NotFound
+        return storage.Client(project=project or "test", credentials=AnonymousCredentials())
     try:
-        return client().bucket(bucket).blob(name).download_as_bytes()
-    except NotFound as e:
-        raise FileNotFoundError(f"gs://{bucket}/{name} does not exist") from e
+        return storage.Client(project=project) if project else storage.Client()
+    except Exception as e:  # google.auth.exceptions.DefaultCredentialsError and friends
+        raise StorageError(
+            f"cannot create a Google Cloud Storage client: {e}. On a workstation run "
+            f"`gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS); on Vertex AI / "
+            f"Kubeflow give the step's service account access to the bucket. For tests set STORAGE_EMULATOR_HOST."
+        ) from e
 
 
-def write_bytes(bucket: str, name: str, data: bytes) -> None:
-    client().bucket(bucket).blob(name).upload_from_string(data)
+def client():
+    """The storage client for the current environment (emulator when ``STORAGE_EMULATOR_HOST`` is set)."""
+    return _client_for(os.environ.get("STORAGE_EMULATOR_HOST") or None, os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
 
 
-def write_if_absent(bucket: str, name: str, data: bytes) -> bool:
-    from google.api_core.exceptions import PreconditionFailed
-    try:
-        client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
+client.cache_clear = _client_for.cache_clear  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def _uri(bucket: str, name: str = "") -> str:
+    return f"gs://{bucket}/{name}" if name else f"gs://{bucket}"
+
+
+def _bucket_missing_msg(bucket: str, uri: str) -> str:
+    return (
+        f"{uri}: bucket gs://{bucket} does not exist (or this account cannot see it). Create it (`gcloud storage "
+        f"buckets create gs://{bucket}`, or `terraform apply` in infra/), or fix the bucket name in the URI."
+    )
+
+
+def _bucket_missing(bucket: str, exc: Exception) -> bool:
+    """Tell "no such bucket" from "no such object" after a 404 on an object request."""
+    if "bucket does not exist" in str(exc).lower():
         return True
-    except PreconditionFailed:
+    from google.api_core.exceptions import Forbidden, NotFound
+    try:
+        return not client().bucket(bucket).exists(retry=retry_policy(), timeout=request_timeout())
+    except (Forbidden, NotFound):  # no storage.buckets.get permission: assume the bucket is there
+        return False
+    except Exception:
         return False
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed request is worth repeating (429/5xx/timeouts/connection errors, corrupt download)."""
+    from google.api_core.exceptions import RetryError
+    from google.cloud.storage.exceptions import DataCorruption
+    from google.cloud.storage.retry import _should_retry
+
+    if isinstance(exc, (RetryError, DataCorruption)):
+        return True
+    try:
+        return bool(_should_retry(exc))
+    except Exception:
+        return False
+
+
+def _translate(exc: Exception, bucket: str, name: str, op: str) -> Exception:
+    """Map a client exception to what storage's callers handle: FileNotFoundError or StorageError."""
+    from google.api_core.exceptions import Forbidden, NotFound, RetryError, Unauthorized
+
+    uri = _uri(bucket, name)
+    if isinstance(exc, (StorageError, FileNotFoundError)):
+        return exc
+    if isinstance(exc, NotFound):
+        if _bucket_missing(bucket, exc):
+            return StorageError(_bucket_missing_msg(bucket, uri))
+        return FileNotFoundError(f"{uri} does not exist")
+    if isinstance(exc, (Forbidden, Unauthorized)):
+        return StorageError(
+            f"{op} {uri}: permission denied ({exc.code}). Grant the account running this step "
+            f"roles/storage.objectAdmin on gs://{bucket} (see infra/), or check the credentials in use."
+        )
+    if isinstance(exc, RetryError) or is_transient(exc):
+        return StorageError(
+            f"{op} {uri} still failed after retrying for up to {retry_deadline_s():.0f}s "
+            f"(VLMTUNE_GCS_RETRY_DEADLINE_S): {exc}. The storage service or network is unavailable; re-run the step."
+        )
+    return StorageError(f"{op} {uri} failed: {type(exc).__name__}: {exc}")
+
+
+def _call(op: str, bucket: str, name: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except Exception as e:
+        translated = _translate(e, bucket, name, op)
+        if translated is e:
+            raise
+        raise translated from e
+
+
+# -------------------------------------------------------------------------------------- single objects
+
+def _blob(bucket: str, name: str):
+    blob = client().bucket(bucket).blob(name)
+    blob.chunk_size = None  # multipart (one request) up to MULTIPART_LIMIT
+    return blob
+
+
+def _content_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def read_bytes(bucket: str, name: str) -> bytes:
+    if not name or name.endswith("/"):
+        raise StorageError(f"{_uri(bucket, name)} names a folder, not an object; give the object's full path")
+    return _call("read", bucket, name, lambda: _blob(bucket, name).download_as_bytes(
+        retry=retry_policy(), timeout=request_timeout()))
+
+
+def download_file(bucket: str, name: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _call("download", bucket, name, lambda: _blob(bucket, name).download_to_filename(
+        str(target), retry=retry_policy(), timeout=request_timeout()))
+
+
+def write_bytes(bucket: str, name: str, data: bytes) -> None:
+    if not name or name.endswith("/"):
+        raise StorageError(f"{_uri(bucket, name)} names a folder, not an object; give the object's full path")
+    _call("write", bucket, name, lambda: _blob(bucket, name).upload_from_string(
+        data, content_type=_content_type(name), retry=retry_policy(), timeout=request_timeout()))
+
+
+def write_if_absent(bucket: str, name: str, data: bytes) -> bool:
+    """Create-only upload (``if_generation_match=0``). True if this call created the object.
+
+    Retried like any request. If a create succeeded but its response was lost, the retry gets 412: we then
+    read the object's metadata, and the write token tells our own object from a rival's.
+    """
+    from google.api_core.exceptions import PreconditionFailed
+
+    if not name or name.endswith("/"):
+        raise StorageError(f"{_uri(bucket, name)} names a folder, not an object; give the object's full path")
+    if len(data) > MULTIPART_LIMIT:
+        log.warning("write_if_absent(%s): %d bytes goes as a resumable upload; fake-gcs-server ignores "
+                    "preconditions on those (real GCS honours them)", _uri(bucket, name), len(data))
+    token = uuid.uuid4().hex
+    blob = _blob(bucket, name)
+    blob.metadata = {WRITER_TOKEN_KEY: token}
+
+    def create() -> bool:
+        try:
+            blob.upload_from_string(data, content_type=_content_type(name), if_generation_match=0,
+                                    retry=retry_policy(), timeout=request_timeout())
+            return True
+        except PreconditionFailed:
+            existing = client().bucket(bucket).get_blob(name, retry=retry_policy(), timeout=request_timeout())
+            return existing is not None and (existing.metadata or {}).get(WRITER_TOKEN_KEY) == token
+
+    return _call("create-only write", bucket, name, create)
+
+
+def object_exists(bucket: str, name: str) -> bool:
+    if not name or name.endswith("/"):
+        return False
+
+    def check() -> bool:
+        from google.api_core.exceptions import NotFound
+        try:
+            if _blob(bucket, name).exists(retry=retry_policy(), timeout=request_timeout()):
+                return True
+        except NotFound:
+            pass
+        if _bucket_missing(bucket, Exception()):
+            raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, name)))
+        return False
+
+    return _call("check", bucket, name, check)
+
+
 def exists(bucket: str, name: str) -> bool:
-    return bool(name) and client().bucket(bucket).blob(name).exists()
+    """An object named ``name``, or any object under ``name/`` (a "folder"; the whole bucket if name is empty)."""
+    if object_exists(bucket, name):
+        return True
+    prefix = name.rstrip("/") + "/" if name.strip("/") else ""
+    return bool(list_names(bucket, prefix, max_results=1))
+
+
+def list_names(bucket: str, prefix: str, *, max_results: int | None = None) -> list[str]:
+    """Object names under ``prefix`` (folder placeholder objects ending in '/' left out)."""
+    from google.api_core.exceptions import NotFound
+
+    def do() -> list[str]:
+        try:
+            blobs = client().list_blobs(bucket, prefix=prefix or None, max_results=max_results,
+                                        retry=retry_policy(), timeout=request_timeout())
+            return [b.name for b in blobs if not b.name.endswith("/")]
+        except NotFound as e:  # listing an existing bucket never 404s
+            raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, prefix))) from e
+
+    return _call("list", bucket, prefix, do)
+
+
+def delete_object(bucket: str, name: str) -> None:
+    """Delete one object; absent is fine (also when a retried delete meets its own earlier success)."""
+    from google.api_core.exceptions import NotFound
+
+    def do() -> None:
+        try:
+            _blob(bucket, name).delete(retry=retry_policy(), timeout=request_timeout())
+        except NotFound:
+            if _bucket_missing(bucket, Exception()):
+                raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, name)))
+
+    _call("delete", bucket, name, do)
 
 
 def delete(bucket: str, name: str) -> None:
-    for blob in client().list_blobs(bucket, prefix=name):
-        blob.delete()
+    """Delete the object ``name`` and every object under ``name/`` (never ``name10/...``)."""
+    if not name.strip("/"):
+        raise StorageError(f"refusing to delete everything in gs://{bucket}: give a folder path under the bucket")
+    names = list_names(bucket, name.rstrip("/") + "/")
+    if not name.endswith("/"):
+        names.append(name)
+    with ThreadPoolExecutor(max_workers=max_workers()) as pool:
+        list(pool.map(lambda n: delete_object(bucket, n), names))
 
 
-def list_names(bucket: str, prefix: str) -> list[str]:
-    return [b.name for b in client().list_blobs(bucket, prefix=prefix)]
+# ----------------------------------------------------------------------------------------------- trees
+
+def _sleep_backoff(round_no: int) -> None:
+    initial = _env_float("VLMTUNE_GCS_RETRY_INITIAL_S", 1.0)
+    cap = _env_float("VLMTUNE_GCS_RETRY_MAX_S", 32.0)
+    time.sleep(random.uniform(0, min(cap, initial * (2 ** round_no))))
+
+
+def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callable[[list[str]], list]) -> None:
+    """Run ``run(items)`` (one result per item: None, an Exception or a UserWarning), re-running transient
+    failures in rounds; raise StorageError naming every file that still failed. Nothing is dropped."""
+    pending = list(items)
+    failures: dict[str, BaseException] = {}
+    for round_no in range(TRANSFER_ROUNDS):
+        results = run(pending)
+        if len(results) != len(pending):  # defensive: the transfer manager promises one result per item
+            raise StorageError(f"{op} {_uri(bucket, prefix)}: transfer manager returned {len(results)} results "
+                               f"for {len(pending)} files")
+        failures = {}
+        for item, result in zip(pending, results):
+            if isinstance(result, BaseException):
+                failures[item] = result
+            elif isinstance(result, Warning):  # e.g. a name escaping the target folder: never skip silently
+                raise StorageError(f"{op} {_uri(bucket, prefix)}: {item!r} was not transferred: {result}")
+        if not failures:
+            return
+        permanent = {k: v for k, v in failures.items() if not is_transient(v)}
+        if permanent:
+            item, exc = next(iter(permanent.items()))
+            translated = _translate(exc, bucket, f"{prefix.rstrip('/')}/{item}" if prefix else item, op)
+            if isinstance(translated, StorageError) and "bucket" in str(translated) and "does not exist" in str(translated):
+                raise translated from exc
+            raise StorageError(
+                f"{op} {_uri(bucket, prefix)}: {len(permanent)} of {len(items)} files failed, e.g. {item!r}: "
+                f"{translated}"
+            ) from exc
+        log.warning("%s %s: %d of %d files failed transiently (round %d); retrying them", op,
+                    _uri(bucket, prefix), len(failures), len(items), round_no + 1)
+        pending = list(failures)
+        _sleep_backoff(round_no)
+    item, exc = next(iter(failures.items()))
+    raise StorageError(
+        f"{op} {_uri(bucket, prefix)}: {len(failures)} of {len(items)} files still failed after {TRANSFER_ROUNDS} "
+        f"rounds of retries, e.g. {item!r}: {exc}. The storage service or network is unavailable; re-run the step."
+    ) from exc
 
 
 def upload_dir(local_dir: Path, bucket: str, prefix: str, *, exclude: tuple[str, ...] = ()) -> None:
+    """Upload every file under ``local_dir`` to ``gs://bucket/prefix/...`` in parallel."""
+    from google.cloud.storage import transfer_manager
+
+    local_dir = Path(local_dir)
+    excluded = {e.strip("/") for e in exclude}
+    files = sorted(
+        p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
+        if p.is_file() and p.relative_to(local_dir).as_posix() not in excluded
+    )
+    if not files:
+        return
+    blob_prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     b = client().bucket(bucket)
-    for src in sorted(local_dir.rglob("*")):
-        rel = src.relative_to(local_dir).as_posix()
-        if src.is_dir() or rel in exclude:
-            continue
-        b.blob(f"{prefix.rstrip('/')}/{rel}" if prefix else rel).upload_from_filename(str(src))
+
+    def run(batch: list[str]) -> list:
+        return transfer_manager.upload_many_from_filenames(
+            b, batch, source_directory=str(local_dir), blob_name_prefix=blob_prefix,
+            upload_kwargs={"retry": retry_policy(), "timeout": request_timeout()},
+            worker_type=transfer_manager.THREAD, max_workers=max_workers(), raise_exception=False,
+        )
+
+    _run_rounds("upload", bucket, prefix, files, run)
 
 
 def download_dir(bucket: str, prefix: str, local_dir: Path) -> None:
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    for blob in client().list_blobs(bucket, prefix=prefix):
-        rel = blob.name[len(prefix):]
-        if not rel or rel.endswith("/"):
-            continue
-        target = local_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        blob.download_to_filename(str(target))
+    """Download every object under ``gs://bucket/prefix/`` into ``local_dir`` in parallel."""
+    from google.cloud.storage import transfer_manager
+
+    blob_prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    names = list_names(bucket, blob_prefix)
+    if not names:
+        raise FileNotFoundError(f"{_uri(bucket, prefix)} is not a folder (no objects under it)")
+    rel_names = [n[len(blob_prefix):] for n in names]
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    b = client().bucket(bucket)
+
+    def run(batch: list[str]) -> list:
+        return transfer_manager.download_many_to_path(
+            b, batch, destination_directory=str(local_dir), blob_name_prefix=blob_prefix,
+            download_kwargs={"retry": retry_policy(), "timeout": request_timeout()},
+            worker_type=transfer_manager.THREAD, max_workers=max_workers(), raise_exception=False,
+            create_directories=True,
+        )
+
+    _run_rounds("download", bucket, prefix, rel_names, run)
