@@ -1,0 +1,1 @@
+"""prepare-data step: source data -> train/eval Parquet shards + manifest (see core.py)."""

@@ -1,0 +1,236 @@
+"""Image work of ``prepare-data``: decode, fix, resize the way the target processor will, encode once.
+
+Runs in worker processes, so it imports only Pillow/numpy and takes plain values. Every failure becomes an
+:class:`ImageRejected` with a stable reason name that ends up, counted, in the dataset manifest.
+
+Token-aware sizing: the Idefics3/SmolVLM processor rescales every image so its longest edge is
+``size["longest_edge"]`` (upscaling small ones), then cuts it into ``max_image_size["longest_edge"]`` tiles.
+Storing a larger image wastes disk and decode time; storing a smaller one saves no tokens. So images larger
+than the target are downscaled to exactly the size the processor would compute (same rounding), smaller ones
+are kept as they are, and :func:`image_tokens` predicts the processor's token count from the stored size.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# transformers' Idefics3 image processor caps any edge at this size (MAX_IMAGE_SIZE there).
+PROCESSOR_MAX_EDGE = 4096
+WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_ORIENTATION_TAG = 0x0112
+
+
+class ImageRejected(Exception):
+    """An image that cannot go into the dataset; ``reason`` is a stable name counted in the manifest."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    longest_edge: int | None = None  # target longest edge (None: no resizing)
+    max_pixels: int = 64_000_000
+    image_format: str = "auto"  # auto | png | jpeg
+    jpeg_quality: int = 95
+
+
+@dataclass
+class ProcessedImage:
+    data: bytes
+    format: str
+    width: int
+    height: int
+    source_width: int
+    source_height: int
+    source_mode: str
+    source_hash: str
+    reencoded: bool
+
+
+def processor_output_size(width: int, height: int, longest_edge: int) -> tuple[int, int]:
+    """(width, height) after the Idefics3 processor's first resize to ``longest_edge`` (its exact rounding)."""
+    aspect = width / height
+    if width >= height:
+        w = longest_edge
+        h = int(w / aspect)
+        h += h % 2
+    else:
+        h = longest_edge
+        w = int(h * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    # then "scale below upper bound"
+    aspect = w / h
+    if w >= h and w > PROCESSOR_MAX_EDGE:
+        w = PROCESSOR_MAX_EDGE
+        h = int(w / aspect)
+    elif h > w and h > PROCESSOR_MAX_EDGE:
+        h = PROCESSOR_MAX_EDGE
+        w = int(h * aspect)
+    return max(w, 1), max(h, 1)
+
+
+def stored_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
+    """Size we store: the processor's own target size when the image is larger, else unchanged."""
+    if longest_edge is None or max(width, height) <= longest_edge:
+        return width, height
+    return processor_output_size(width, height, longest_edge)
+
+
+def tile_grid(width: int, height: int, size_longest_edge: int, tile: int, do_image_splitting: bool) -> tuple[int, int]:
+    """(rows, cols) of tiles the Idefics3 processor cuts an image of this size into (0, 0: global image only)."""
+    if not do_image_splitting:
+        return 0, 0
+    w, h = processor_output_size(width, height, size_longest_edge)
+    aspect = w / h
+    if w >= h:
+        W = math.ceil(w / tile) * tile
+        H = int(W / aspect)
+        H = math.ceil(H / tile) * tile
+    else:
+        H = math.ceil(h / tile) * tile
+        W = int(H * aspect)
+        W = math.ceil(W / tile) * tile
+    if H > tile or W > tile:
+        return math.ceil(H / tile), math.ceil(W / tile)
+    return 0, 0
+
+
+def image_tokens(rows: int, cols: int, image_seq_len: int, extra_split_newline: int = 0) -> int:
+    """Tokens one image expands to in the prompt (Idefics3Processor's layout: tiles, row breaks, global image)."""
+    base = image_seq_len + 3  # <fake><global-img><image>*n<fake>
+    if rows == 0:
+        return base
+    return base + extra_split_newline + rows * (cols * (image_seq_len + 2) + 1)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, WHITE)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
+    """Decode ``data``, apply EXIF orientation, make RGB, downscale to the processor's size, encode once.
+
+    Bytes go through untouched when nothing needs changing (RGB, upright, small enough, target format).
+    """
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    source_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own guard, beyond ours below
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageRejected("not_an_image", "not a format Pillow can identify") from e
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("too_many_pixels", str(e)) from e
+    except Exception as e:  # noqa: BLE001 - any header failure means a corrupt file
+        raise ImageRejected("corrupt_image", f"{type(e).__name__}: {e}") from e
+    with im:
+        src_w, src_h = im.size
+        if src_w < 1 or src_h < 1:
+            raise ImageRejected("corrupt_image", f"size {src_w}x{src_h}")
+        if src_w * src_h > settings.max_pixels:
+            raise ImageRejected("too_many_pixels", f"{src_w}x{src_h} > max_image_pixels={settings.max_pixels}")
+        src_format = im.format or ""
+        src_mode = im.mode
+        try:
+            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: treat as upright
+            orientation = 1
+        upright_w, upright_h = (src_h, src_w) if orientation in (5, 6, 7, 8) else (src_w, src_h)
+        out_w, out_h = stored_size(upright_w, upright_h, settings.longest_edge)
+        target_format = settings.image_format
+        if target_format == "auto":
+            target_format = "jpeg" if src_format == "JPEG" else "png"
+        needs_change = (
+            src_mode != "RGB"
+            or orientation != 1
+            or (out_w, out_h) != (upright_w, upright_h)
+            or src_format != target_format.upper()
+            or getattr(im, "n_frames", 1) != 1
+        )
+        if not needs_change:
+            try:
+                im.load()  # still prove the bytes decode
+            except Exception as e:  # noqa: BLE001
+                raise _decode_reject(e) from e
+            return ProcessedImage(data, target_format, src_w, src_h, src_w, src_h, src_mode, source_hash, False)
+        if src_format == "JPEG" and (out_w, out_h) != (upright_w, upright_h):
+            # Let libjpeg decode at a reduced scale (DCT scaling) while staying >= 2x the target, like thumbnail().
+            req = (out_w * 2, out_h * 2) if orientation not in (5, 6, 7, 8) else (out_h * 2, out_w * 2)
+            im.draft("RGB" if src_mode == "RGB" else None, req)
+        try:
+            im.load()
+            fixed = ImageOps.exif_transpose(im) if orientation != 1 else im
+            fixed = _to_rgb(fixed)
+            if fixed.size != (out_w, out_h):
+                fixed = fixed.resize((out_w, out_h), Image.Resampling.LANCZOS)
+        except Image.DecompressionBombError as e:
+            raise ImageRejected("too_many_pixels", str(e)) from e
+        except Exception as e:  # noqa: BLE001
+            raise _decode_reject(e) from e
+    buf = io.BytesIO()
+    if target_format == "jpeg":
+        fixed.save(buf, "JPEG", quality=settings.jpeg_quality)
+    else:
+        fixed.save(buf, "PNG", compress_level=3)
+    return ProcessedImage(buf.getvalue(), target_format, out_w, out_h, src_w, src_h, src_mode, source_hash, True)
+
+
+def _decode_reject(e: Exception) -> ImageRejected:
+    text = str(e)
+    if "truncated" in text.lower():
+        return ImageRejected("truncated_image", text)
+    return ImageRejected("corrupt_image", f"{type(e).__name__}: {text}")
+
+
+def process_refs(refs: list, settings: ImageSettings) -> list:
+    """Worker entry point: each ref is ``("bytes", b)`` or ``("path", local_path)``.
+
+    Returns, per ref, a :class:`ProcessedImage` or ``(reason, detail)``.
+    """
+    out = []
+    for kind, value in refs:
+        try:
+            if kind == "path":
+                try:
+                    with open(value, "rb") as f:
+                        data = f.read()
+                except FileNotFoundError as e:
+                    raise ImageRejected("missing_image", f"{value} does not exist") from e
+                except IsADirectoryError as e:
+                    raise ImageRejected("missing_image", f"{value} is a folder") from e
+            else:
+                data = value
+            out.append(process_image(data, settings))
+        except ImageRejected as e:
+            out.append((e.reason, e.detail))
+    return out
+
+
+def process_chunk(chunk: list[tuple[int, list]], settings: ImageSettings) -> list[tuple[int, list]]:
+    """Process the images of several rows: ``[(row_index, refs), ...]`` -> ``[(row_index, results), ...]``."""
+    return [(index, process_refs(refs, settings)) for index, refs in chunk]
