@@ -1,0 +1,1 @@
+"""Registry backends behind components.register.registry.Registry."""
