@@ -433,14 +433,15 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _clear_output(out_dir: Path, output: str) -> None:
-    """Remove a previous run's manifest and shards, so nothing stale can pass for this run's output."""
-    if storage.is_remote(output):
-        for uri in storage.list_files(output):
-            storage.delete(uri)
-    (out_dir / artifacts.MANIFEST).unlink(missing_ok=True)
+def _clear_output(output: str) -> None:
+    """Remove a previous run's manifest, then its shards, so nothing stale can pass for this run's output."""
+    artifacts.invalidate(output)
     for split in schema.SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)
+        if storage.is_remote(output):
+            for uri in storage.list_files(storage.join(output, split)):
+                storage.delete(uri)
+        else:
+            shutil.rmtree(storage.to_local_path(output) / split, ignore_errors=True)
 
 
 def _file_hash(paths: list[Path]) -> str:
@@ -471,16 +472,17 @@ def run(config: PrepareDataConfig, source: str, output: str) -> dict[str, Any]:
 
     with storage.local_input(source) as src_path:
         src = open_source(Path(src_path), cfg.source_split)
+        if not storage.is_remote(output):
+            out_path = storage.to_local_path(output).resolve()
+            if out_path == src.root.resolve() or out_path in src.root.resolve().parents:
+                raise ConfigError(
+                    f"output {output!r} is the source folder or holds it; writing there would overwrite the "
+                    f"source. Pass a separate --output folder."
+                )
+        _clear_output(output)
+        # local_output stages into a fresh folder and publishes it (manifest last) only if the body succeeds.
         with storage.local_output(output) as out_dir:
-            out_dir = Path(out_dir)
-            _clear_output(out_dir, output)
-            try:
-                manifest = _process(cfg, src, out_dir, settings, processor_settings, source)
-            except BaseException:
-                # No manifest is ever written on failure; drop the partial shards too when we still can.
-                for split in schema.SPLITS:
-                    shutil.rmtree(out_dir / split, ignore_errors=True)
-                raise
+            manifest = _process(cfg, src, Path(out_dir), settings, processor_settings, source)
             manifest["seconds"] = round(time.time() - started, 2)
             manifest["source"] = source
             manifest = artifacts.write_manifest(str(out_dir), manifest)  # last act: the folder is now complete

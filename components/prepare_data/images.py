@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -141,7 +142,9 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     source_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
     Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own guard, beyond ours below
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageRejected("not_an_image", "not a format Pillow can identify") from e
     except Image.DecompressionBombError as e:

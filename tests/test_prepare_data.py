@@ -1,0 +1,337 @@
+"""prepare-data: a corpus of nasty inputs built here, exact rejects and exact good rows, crash safety, splits.
+
+Run: pytest tests/test_prepare_data.py -q
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.common import artifacts, schema
+from components.common.config import ConfigError, build_config
+from components.prepare_data import cli, core
+from components.prepare_data.config import PrepareDataConfig
+
+WHITE = (255, 255, 255)
+
+
+def cfg(**kw) -> PrepareDataConfig:
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    return build_config(PrepareDataConfig, kw)
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def write_source(folder: Path, rows: list[dict], files: dict[str, bytes]) -> Path:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    with open(folder / "rows.jsonl", "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return folder
+
+
+def gradient(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.uint8)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], -1), "RGB")
+
+
+def read_rows(out: Path) -> dict[str, dict]:
+    manifest = artifacts.read_manifest(str(out), kind=schema.DATASET_KIND)
+    rows = {}
+    for split in schema.SPLITS:
+        for rel in manifest["splits"][split]["files"]:
+            for row in pq.read_table(out / rel).to_pylist():
+                rows[row["id"]] = {**row, "split": split}
+    return rows
+
+
+def sft_row(id_, image, question="What is it?", answer="a thing", category="misc"):
+    return {"id": id_, "image": image, "question": question, "answer": answer, "category": category}
+
+
+@pytest.fixture(scope="module")
+def nasty(tmp_path_factory):
+    """Good rows in every odd mode, and one bad row per reject reason."""
+    root = tmp_path_factory.mktemp("nasty") / "src"
+    files: dict[str, bytes] = {}
+    rows: list = []
+    good: dict[str, dict] = {}
+
+    def add_good(id_, rel, data, expect, **kw):
+        files[rel] = data
+        row = sft_row(id_, rel, **kw)
+        rows.append(row)
+        good[id_] = {"row": row, **expect}
+
+    add_good("rgb", "images/rgb.png", png(gradient(40, 30)), {"size": (40, 30), "passthrough": True})
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent -> white
+    add_good("rgba", "images/rgba.png", png(rgba), {"size": (20, 10), "pixel": ((0, 0), WHITE), "pixel2": ((5, 5), (255, 0, 0))})
+    la = Image.new("LA", (10, 10), (100, 255))
+    la.putpixel((1, 1), (0, 0))
+    add_good("la", "images/la.png", png(la), {"size": (10, 10), "pixel": ((1, 1), WHITE), "pixel2": ((5, 5), (100, 100, 100))})
+    pal = Image.new("P", (12, 12), 0)
+    pal.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    add_good("palette", "images/p.png", png(pal), {"size": (12, 12), "pixel": ((3, 3), (0, 0, 255))})
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
+    add_good("cmyk", "images/cmyk.jpg", jpeg(cmyk), {"size": (16, 16), "format": "JPEG"})
+    i16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert i16.mode.startswith("I;16")
+    add_good("i16", "images/i16.png", png(i16), {"size": (8, 8), "pixel": ((2, 2), WHITE)})
+    one = Image.new("1", (9, 9), 1)
+    add_good("bilevel", "images/one.png", png(one), {"size": (9, 9), "pixel": ((4, 4), WHITE)})
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    add_good("exif", "images/exif.jpg", jpeg(gradient(40, 20), exif=exif.tobytes()), {"size": (20, 40), "format": "JPEG"})
+    files["images/multi_a.png"] = png(gradient(10, 10))
+    files["images/multi_b.png"] = png(gradient(12, 6))
+    multi = sft_row("multi", ["images/multi_a.png", "images/multi_b.png"], question="Which is wider?", answer="the second")
+    rows.append(multi)
+    good["multi"] = {"row": multi, "n_images": 2}
+    # A row without an id gets a content-hash id.
+    files["images/noid.png"] = png(gradient(11, 7))
+    noid = sft_row(None, "images/noid.png", answer="no id")
+    del noid["id"]
+    rows.append(noid)
+
+    # Bad rows: one per reason.
+    bad = {}
+
+    def add_bad(reason, row, rel=None, data=None):
+        if rel is not None:
+            files[rel] = data
+        rows.append(row)
+        bad[reason] = row.get("id")
+
+    add_bad("not_an_image", sft_row("corrupt", "images/corrupt.png"), "images/corrupt.png", b"\x89PNX" + bytes(range(256)) * 4)
+    full = jpeg(gradient(64, 64))
+    add_bad("truncated_image", sft_row("truncated", "images/trunc.jpg"), "images/trunc.jpg", full[: len(full) // 2])
+    add_bad("empty_file", sft_row("zero", "images/zero.png"), "images/zero.png", b"")
+    add_bad("too_many_pixels", sft_row("huge", "images/huge.png"), "images/huge.png", png(Image.new("L", (400, 300))))
+    add_bad("missing_image", sft_row("missing", "images/nope.png"))
+    (root.parent / "outside.png").parent.mkdir(parents=True, exist_ok=True)
+    (root.parent / "outside.png").write_bytes(png(gradient(5, 5)))
+    add_bad("image_path_escapes_root", sft_row("escape", "../outside.png"))
+    add_bad("empty_answer", sft_row("empty_answer", "images/rgb.png", answer="  "))
+    add_bad("non_string_answer", sft_row("number_answer", "images/rgb.png", answer=42))
+    add_bad("duplicate", {**good["rgb"]["row"], "id": "rgb_again"})
+    add_bad("empty_question", sft_row("no_question", "images/rgb.png", question=None))
+    # a text file is not an image
+    add_bad("corrupt_or_text", sft_row("text", "images/text.png"), "images/text.png", b"hello, I am text\n" * 10)
+    rows.append("{not json")
+    bad["malformed_row"] = "rows.jsonl:" + str(len(rows))
+    write_source(root, rows, files)
+    out = root.parent / "out"
+    manifest = core.run(cfg(max_invalid_fraction=1.0, max_image_pixels=100_000, eval_fraction=0.3), str(root), str(out))
+    return {"root": root, "out": out, "manifest": manifest, "good": good, "bad": bad, "rows": rows}
+
+
+def test_every_bad_row_is_rejected_with_its_reason(nasty):
+    m = nasty["manifest"]
+    rejects = {reason: e["count"] for reason, e in m["rejects"].items()}
+    assert rejects == {
+        "not_an_image": 2,  # random bytes + a text file
+        "truncated_image": 1,
+        "empty_file": 1,
+        "too_many_pixels": 1,
+        "missing_image": 1,
+        "image_path_escapes_root": 1,
+        "empty_answer": 1,
+        "non_string_answer": 1,
+        "duplicate": 1,
+        "empty_question": 1,
+        "malformed_row": 1,
+    }
+    assert m["rejects"]["not_an_image"]["examples"] == ["corrupt", "text"]
+    assert m["rejects"]["duplicate"]["examples"] == ["rgb_again"]
+    assert m["rejects"]["malformed_row"]["examples"] == [nasty["bad"]["malformed_row"]]
+    assert m["counts"]["rows_in"] == len(nasty["rows"])
+    assert m["counts"]["rows_out"] == len(nasty["good"]) + 1  # + the id-less row
+    assert m["counts"]["invalid"] == 11  # duplicates are not "invalid"
+    assert m["counts"]["rows_in"] == m["counts"]["rows_out"] + m["counts"]["rejected"]
+    assert m["warnings"] and "11 of" in m["warnings"][0]
+
+
+def test_good_rows_come_through_with_exact_content(nasty):
+    rows = read_rows(nasty["out"])
+    m = nasty["manifest"]
+    assert sum(m["splits"][s]["rows"] for s in schema.SPLITS) == len(rows) == m["counts"]["rows_out"]
+    for id_, expect in nasty["good"].items():
+        row = rows[id_]
+        src = expect["row"]
+        n = expect.get("n_images", 1)
+        assert row["messages"] == [schema.user_turn(src["question"], n), schema.assistant_turn(src["answer"])]
+        assert row["answers"] == [src["answer"]]
+        assert row["category"] == src["category"]
+        assert len(row["images"]) == n
+        ims = [Image.open(io.BytesIO(i["bytes"])) for i in row["images"]]
+        for im in ims:
+            im.load()
+            assert im.mode == "RGB"
+        if "size" in expect:
+            assert ims[0].size == expect["size"], id_
+        if "format" in expect:
+            assert ims[0].format == expect["format"], id_
+        for key in ("pixel", "pixel2"):
+            if key in expect:
+                xy, colour = expect[key]
+                assert ims[0].getpixel(xy) == colour, (id_, key)
+    # The RGB PNG went through byte for byte (no needless re-encode).
+    assert rows["rgb"]["images"][0]["bytes"] == (nasty["root"] / "images/rgb.png").read_bytes()
+    # CMYK red comes out red (JPEG: approximately).
+    r, g, b = Image.open(io.BytesIO(rows["cmyk"]["images"][0]["bytes"])).convert("RGB").getpixel((8, 8))
+    assert r > 200 and g < 60 and b < 60
+    # EXIF: the 40x20 gradient was rotated, so its left-right gradient now runs top-down.
+    exif_im = Image.open(io.BytesIO(rows["exif"]["images"][0]["bytes"])).convert("RGB")
+    assert exif_im.getpixel((10, 2))[0] < 40 and exif_im.getpixel((10, 37))[0] > 215
+    # The id-less row got a content-hash id; the preference is stable.
+    (noid,) = [r for i, r in rows.items() if i not in nasty["good"]]
+    assert len(noid["id"]) == 32 and noid["answers"] == ["no id"]
+    assert {r["split"] for r in rows.values()} == {"train", "eval"}
+    for id_, row in rows.items():
+        assert row["split"] == core.split_of(id_, 0.3)
+
+
+def test_manifest_keys_and_files(nasty):
+    m = nasty["manifest"]
+    out = nasty["out"]
+    for key in ("kind", "task", "splits", "content_hash", "counts", "rejects", "processor_settings", "images",
+                "tokens_per_image", "config", "schema", "created_at"):
+        assert key in m, key
+    assert m["kind"] == schema.DATASET_KIND and m["task"] == "sft"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["eval/part-00000.parquet", "manifest.json", "train/part-00000.parquet"]
+    assert m["config"]["max_image_pixels"] == 100_000
+    assert m["processor_settings"] is None and m["tokens_per_image"] is None
+    assert m["images"]["source_modes"]["CMYK"] == 1
+
+
+def test_output_reads_with_pyarrow_and_datasets(nasty):
+    import datasets
+
+    out = nasty["out"]
+    table = pq.read_table(out / "train/part-00000.parquet")
+    assert table.schema.remove_metadata().equals(schema.SFT_SCHEMA)
+    ds = datasets.load_dataset("parquet", data_files={"train": str(out / "train/*.parquet")}, split="train")
+    assert len(ds) == nasty["manifest"]["splits"]["train"]["rows"]
+    assert isinstance(ds[0]["images"][0], Image.Image)
+    loaded = core.load_split(str(out), "eval")
+    assert len(loaded) == nasty["manifest"]["splits"]["eval"]["rows"]
+    assert loaded[0]["images"][0].mode == "RGB"
+    assert loaded.column_names == schema.SFT_SCHEMA.names
+
+
+def test_process_pool_gives_identical_output(nasty, tmp_path):
+    m = core.run(cfg(max_invalid_fraction=1.0, max_image_pixels=100_000, eval_fraction=0.3, num_workers=2),
+                 str(nasty["root"]), str(tmp_path / "out"))
+    assert m["content_hash"] == nasty["manifest"]["content_hash"]
+    assert m["rejects"] == nasty["manifest"]["rejects"]
+
+
+def _good_source(root: Path, n: int, start: int = 0) -> Path:
+    files = {f"images/{i}.png": png(gradient(8 + i % 5, 8)) for i in range(start, start + n)}
+    rows = [sft_row(f"row-{i}", f"images/{i}.png", answer=f"answer {i}") for i in range(start, start + n)]
+    if (root / "rows.jsonl").exists():
+        rows = [json.loads(line) for line in (root / "rows.jsonl").read_text().splitlines()] + rows
+    return write_source(root, rows, files)
+
+
+def test_split_is_stable_when_data_is_appended(tmp_path):
+    src = _good_source(tmp_path / "src", 60)
+    first = read_rows(core.run(cfg(), str(src), str(tmp_path / "a")) and tmp_path / "a")
+    _good_source(src, 40, start=60)
+    second = read_rows(core.run(cfg(), str(src), str(tmp_path / "b")) and tmp_path / "b")
+    assert len(first) == 60 and len(second) == 100
+    assert all(second[i]["split"] == r["split"] for i, r in first.items())
+    n_eval = sum(r["split"] == "eval" for r in second.values())
+    assert 8 <= n_eval <= 35  # ~20%
+
+
+def test_crash_mid_write_leaves_no_manifest(tmp_path, monkeypatch):
+    src = _good_source(tmp_path / "src", 30)
+    out = tmp_path / "out"
+    core.run(cfg(), str(src), str(out))  # a complete earlier run in the same place
+    assert artifacts.is_complete(str(out))
+    real_add = core.ShardWriter.add
+    written = []
+
+    def crashing_add(self, row):
+        written.append(row["id"])
+        if len(written) > 10:
+            raise RuntimeError("disk on fire")
+        real_add(self, row)
+
+    monkeypatch.setattr(core.ShardWriter, "add", crashing_add)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        core.run(cfg(row_group_rows=2), str(src), str(out))
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(artifacts.IncompleteArtifactError, match="no manifest.json"):
+        core.load_split(str(out), "train")
+    # A hard kill can leave shards behind without a manifest: still refused.
+    partial = tmp_path / "partial"
+    (partial / "train").mkdir(parents=True)
+    (partial / "train" / "part-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(artifacts.IncompleteArtifactError, match="did not finish"):
+        core.load_split(str(partial), "train")
+
+
+def _one_bad_in_ten(root: Path) -> Path:
+    src = _good_source(root, 9)
+    with open(src / "rows.jsonl", "a") as f:
+        f.write(json.dumps(sft_row("bad", "images/missing.png")) + "\n")
+    return src
+
+
+def test_max_invalid_fraction_fails_above_and_warns_below(tmp_path, capsys):
+    src = _one_bad_in_ten(tmp_path / "src")
+    with pytest.raises(core.TooManyInvalidRowsError, match=r"1 of 10 rows .* invalid \(10.0%\).*missing_image=1 \(e.g. bad\)"):
+        core.run(cfg(max_invalid_fraction=0.05), str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    rc = cli.main(["--source", str(src), "--output", str(tmp_path / "out"), "--no-progress", "--set", "num_workers=0"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "max_invalid_fraction" in err and "--max-invalid-fraction" in err and str(src) in err
+    rc = cli.main(["--source", str(src), "--output", str(tmp_path / "out"), "--no-progress", "--num-workers", "0",
+                   "--max-invalid-fraction", "0.2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "prepared 9 of 10 rows" in out and "missing_image" in out and "warning" in out
+    assert artifacts.read_manifest(str(tmp_path / "out"))["counts"]["rows_out"] == 9
+
+
+def test_cli_reports_config_and_source_errors(tmp_path, capsys):
+    src = _good_source(tmp_path / "src", 3)
+    rc = cli.main(["--source", str(src), "--output", str(tmp_path / "o"), "--set", "eval_fraction=1.5",
+                   "--set", "image_format=gif"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "eval_fraction" in err and "image_format" in err
+    rc = cli.main(["--source", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nowhere" in err
+    rc = cli.main(["--source", str(src), "--output", str(src)])
+    assert rc == 2 and "overwrite the source" in capsys.readouterr().err
+    rc = cli.main(["--source", str(src), "--output", str(tmp_path / "o"), "--set", "image_colum=x"])
+    assert rc == 2 and "unknown key 'image_colum'" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        build_config(PrepareDataConfig, {"preset": "nope"})
