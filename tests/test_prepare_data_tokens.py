@@ -1,0 +1,115 @@
+"""Token-aware resizing: the tokens per image the manifest reports are what the Idefics3 processor produces.
+
+Processors are built here (no hub): SmolVLM-Instruct's image settings (1536 px, 384 px tiles, 81 tokens per
+tile) and the tiny model's (128 px, 64 px tiles, 4 tokens per tile), with the project's locally trained tokenizer.
+
+Run: pytest tests/test_prepare_data_tokens.py -q
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.common.config import build_config
+from components.prepare_data import core
+from components.prepare_data import images as imagelib
+from components.prepare_data.config import PrepareDataConfig
+
+SIZES = [(2000, 1000), (600, 1800), (300, 200), (1024, 768), (3000, 90), (384, 384), (770, 385)]
+
+
+def build_processor(folder: Path, longest_edge: int, tile: int, image_seq_len: int) -> Path:
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    from components.common.tiny_model import build_tokenizer
+
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+    )
+    Idefics3Processor(image_processor=image_processor, tokenizer=build_tokenizer(), image_seq_len=image_seq_len).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smolvlm_processor(tmp_path_factory):
+    return build_processor(tmp_path_factory.mktemp("smolvlm-instruct-like"), 1536, 384, 81)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok-src")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    with open(root / "rows.jsonl", "w") as f:
+        for i, (w, h) in enumerate(SIZES):
+            im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+            im.save(root / f"images/{i}.jpg", quality=80)
+            f.write(json.dumps({"id": f"img{i}", "image": f"images/{i}.jpg", "question": "q?", "answer": "a"}) + "\n")
+    return root
+
+
+def processor_tokens(processor, im: Image.Image) -> int:
+    ids = processor(text="<image>", images=[[im]], add_special_tokens=False)["input_ids"][0]
+    return len(ids)
+
+
+def stored_images(out: Path, manifest: dict):
+    for split in ("train", "eval"):
+        for rel in manifest["splits"][split]["files"]:
+            for row in pq.read_table(out / rel).to_pylist():
+                yield row["id"], Image.open(io.BytesIO(row["images"][0]["bytes"]))
+
+
+@pytest.mark.parametrize("longest_edge", [None, 768])
+def test_reported_tokens_match_the_processor(smolvlm_processor, source, tmp_path, longest_edge):
+    from transformers import AutoProcessor
+
+    config = build_config(PrepareDataConfig, {"processor": str(smolvlm_processor), "longest_edge": longest_edge,
+                                              "num_workers": 0, "progress": False})
+    manifest = core.run(config, str(source), str(tmp_path / "out"))
+    settings = manifest["processor_settings"]
+    edge = longest_edge or 1536
+    assert settings["size"] == {"longest_edge": edge} and settings["max_image_size"] == {"longest_edge": 384}
+    assert settings["do_image_splitting"] is True and settings["image_seq_len"] == 81
+    processor = AutoProcessor.from_pretrained(smolvlm_processor)
+    processor.image_processor.size = {"longest_edge": edge}  # what training does with processor_settings
+    produced = {}
+    for id_, im in stored_images(tmp_path / "out", manifest):
+        assert max(im.size) <= edge
+        produced[id_] = processor_tokens(processor, im)
+        assert produced[id_] == core.tokens_for_size(*im.size, settings), (id_, im.size)
+    hist = manifest["tokens_per_image"]["histogram"]
+    assert sum(hist.values()) == len(SIZES)
+    expected_hist: dict[str, int] = {}
+    for n in produced.values():
+        expected_hist[str(n)] = expected_hist.get(str(n), 0) + 1
+    assert hist == expected_hist
+    assert manifest["tokens_per_image"]["max"] == max(produced.values())
+    assert manifest["tokens_per_sample"]["max"] == max(produced.values())
+    if longest_edge == 768:
+        # 1024x768 photo at 768 px: 2x2 tiles + the global image = 5 x 81 image tokens, plus layout tokens.
+        assert produced["img3"] == imagelib.image_tokens(2, 2, 81, settings["extra_split_newline_tokens"])
+        at_full_size = core.tokens_for_size(2000, 1000, {**settings, "size": {"longest_edge": 1536}})
+        assert produced["img0"] < at_full_size  # the smaller size really saves tokens
+
+
+def test_formula_matches_processor_on_many_sizes(tmp_path):
+    """The size/tile arithmetic alone, against the real processor, on awkward aspect ratios (tiny tiles)."""
+    from transformers import AutoProcessor
+
+    folder = build_processor(tmp_path / "tiny", 128, 64, 4)
+    processor = AutoProcessor.from_pretrained(folder)
+    settings = core.load_processor_settings(str(folder))
+    for w, h in [(1, 1), (64, 64), (65, 64), (130, 20), (20, 130), (127, 129), (200, 99), (33, 190), (500, 499)]:
+        im = Image.new("RGB", (w, h), (10, 20, 30))
+        assert processor_tokens(processor, im) == core.tokens_for_size(w, h, settings), (w, h)
+        sw, sh = imagelib.stored_size(w, h, 128)
+        assert max(sw, sh) <= max(128, 1)
+        # Storing at the reduced size costs exactly the same tokens as the original.
+        assert core.tokens_for_size(sw, sh, settings) == core.tokens_for_size(w, h, settings), (w, h)
