@@ -260,9 +260,11 @@ def _good_source(root: Path, n: int, start: int = 0) -> Path:
 
 def test_split_is_stable_when_data_is_appended(tmp_path):
     src = _good_source(tmp_path / "src", 60)
-    first = read_rows(core.run(cfg(), str(src), str(tmp_path / "a")) and tmp_path / "a")
+    core.run(cfg(), str(src), str(tmp_path / "a"))
+    first = read_rows(tmp_path / "a")
     _good_source(src, 40, start=60)
-    second = read_rows(core.run(cfg(), str(src), str(tmp_path / "b")) and tmp_path / "b")
+    core.run(cfg(), str(src), str(tmp_path / "b"))
+    second = read_rows(tmp_path / "b")
     assert len(first) == 60 and len(second) == 100
     assert all(second[i]["split"] == r["split"] for i, r in first.items())
     n_eval = sum(r["split"] == "eval" for r in second.values())
