@@ -1,0 +1,215 @@
+"""Vertex AI backend: the real ``google-cloud-aiplatform`` client runs; only the GAPIC ``ModelServiceClient``
+methods (the last layer before gRPC) are replaced by an in-memory Model Registry that records every request."""
+from __future__ import annotations
+
+import hashlib
+import re
+import types
+
+import pytest
+
+pytest.importorskip("google.cloud.aiplatform")
+
+from google.api_core.exceptions import NotFound  # noqa: E402
+from google.auth.credentials import AnonymousCredentials  # noqa: E402
+from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient  # noqa: E402
+from google.cloud.aiplatform_v1.types import model as gca_model  # noqa: E402
+from google.cloud.aiplatform_v1.types import model_service as gca_ms  # noqa: E402
+
+from components.register.backends.vertex import VertexRegistry, lineage_labels, sanitize_label  # noqa: E402
+from components.register.registry import open_registry, resolve_reference  # noqa: E402
+
+PARENT = "projects/p1/locations/europe-west4"
+
+
+class FakeModelService:
+    """Vertex Model Registry semantics that matter here: server-side version ids, unique aliases (assigning
+    one moves it), exactly one ``default`` version, label / display-name filters."""
+
+    def __init__(self):
+        self.models: dict[str, list[gca_model.Model]] = {}
+        self.requests: list[tuple[str, object]] = []
+
+    # -- helpers
+    @staticmethod
+    def _matches(m: gca_model.Model, filter: str) -> bool:
+        for key, value in re.findall(r'([\w.]+)="([^"]*)"', filter or ""):
+            actual = m.labels.get(key[len("labels."):]) if key.startswith("labels.") else getattr(m, key)
+            if actual != value:
+                return False
+        return True
+
+    def _move_aliases(self, versions, target, aliases):
+        for alias in aliases:
+            remove = alias.startswith("-")
+            alias = alias.lstrip("-")
+            for v in versions:
+                if alias in v.version_aliases and (v is not target or remove):
+                    v.version_aliases.remove(alias)
+            if not remove and alias not in target.version_aliases:
+                target.version_aliases.append(alias)
+
+    def _resolve(self, name: str) -> gca_model.Model:
+        base, _, ref = name.partition("@")
+        versions = self.models.get(base)
+        if not versions:
+            raise NotFound(f"model {base} not found")
+        ref = ref or "default"
+        for v in versions:
+            if v.version_id == ref or ref in v.version_aliases:
+                return v
+        raise NotFound(f"version {ref} of {base} not found")
+
+    # -- the GAPIC methods aiplatform calls
+    def upload_model(self, request=None, **kwargs):
+        request = gca_ms.UploadModelRequest(request)
+        self.requests.append(("upload_model", request))
+        if request.parent_model:
+            base = request.parent_model
+            versions = self.models[base]
+        else:
+            base = f"{request.parent}/models/{1000 + len(self.models)}"
+            versions = self.models.setdefault(base, [])
+        new = gca_model.Model(request.model)
+        new.name = base
+        new.version_id = str(len(versions) + 1)
+        new.version_aliases = []
+        versions.append(new)
+        self._move_aliases(versions, new, list(request.model.version_aliases))
+        response = gca_ms.UploadModelResponse(model=base, model_version_id=new.version_id)
+        return types.SimpleNamespace(result=lambda timeout=None: response,
+                                     operation=types.SimpleNamespace(name=f"{base}/operations/{len(self.requests)}"))
+
+    def get_model(self, request=None, *, name=None, **kwargs):
+        name = name or gca_ms.GetModelRequest(request).name
+        self.requests.append(("get_model", name))
+        return self._resolve(name)
+
+    def list_models(self, request=None, **kwargs):
+        request = gca_ms.ListModelsRequest(request)
+        self.requests.append(("list_models", request))
+        defaults = [self._resolve(base) for base in self.models if base.startswith(request.parent)]
+        return [m for m in defaults if self._matches(m, request.filter)]
+
+    def list_model_versions(self, request=None, **kwargs):
+        request = gca_ms.ListModelVersionsRequest(request)
+        self.requests.append(("list_model_versions", request))
+        return [m for m in self.models.get(request.name, []) if self._matches(m, request.filter)]
+
+    def merge_version_aliases(self, request=None, *, name=None, version_aliases=None, **kwargs):
+        self.requests.append(("merge_version_aliases", (name, list(version_aliases))))
+        target = self._resolve(name)
+        self._move_aliases(self.models[name.partition("@")[0]], target, list(version_aliases))
+        return target
+
+    def sent(self, method: str) -> list:
+        return [r for m, r in self.requests if m == method]
+
+
+@pytest.fixture
+def vertex(monkeypatch):
+    fake = FakeModelService()
+    for method in ("upload_model", "get_model", "list_models", "list_model_versions", "merge_version_aliases"):
+        monkeypatch.setattr(ModelServiceClient, method,
+                            lambda self, *a, _m=method, **kw: getattr(fake, _m)(*a, **kw))
+    return fake
+
+
+@pytest.fixture
+def registry(vertex):
+    return open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials(),
+                         serving_container_image_uri="europe-docker.pkg.dev/p1/serve/vlm:1")
+
+
+LINEAGE = {"base_model": "HuggingFaceTB/SmolVLM-256M-Instruct", "dataset_hash": "d" * 64,
+           "dataset_uri": "gs://acme-ml/runs/7/data", "config_hash": "0123abcd"}
+
+
+def sha(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def register(reg, n: int, *, content_hash=None, make_champion=True):
+    return reg.register("Chart-VLM", f"gs://acme-ml/runs/{n}/dpo", content_hash=content_hash or sha(n),
+                        metrics={"vqa": n / 10}, lineage=LINEAGE, card="---\n---\n", make_champion=make_champion)
+
+
+def test_first_registration_uploads_a_new_model_with_labels_and_champion_alias(registry, vertex):
+    v1 = register(registry, 1)
+    (upload,) = vertex.sent("upload_model")
+    assert upload.parent == PARENT
+    assert upload.parent_model == ""  # a new model resource
+    assert upload.model.display_name == "Chart-VLM"
+    assert upload.model.artifact_uri == "gs://acme-ml/runs/1/dpo"
+    assert sorted(upload.model.version_aliases) == ["champion", "default"]
+    assert upload.model.container_spec.image_uri == "europe-docker.pkg.dev/p1/serve/vlm:1"
+    assert dict(upload.model.labels) == {
+        "vlmtune_name": "chart-vlm",
+        "vlmtune_content_hash": sha(1)[:63],
+        "lineage_base_model": "huggingfacetb_smolvlm-256m-instruct",
+        "lineage_config_hash": "0123abcd",
+        "lineage_dataset_hash": "d" * 63,
+        "lineage_dataset_uri": "gs_acme-ml_runs_7_data",
+    }
+    for k, v in upload.model.labels.items():
+        assert re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", k) and re.fullmatch(r"[a-z0-9_-]{0,63}", v)
+    # the model was looked up first (by label, then display name) and not found
+    filters = [r["filter"] if isinstance(r, dict) else r.filter for r in vertex.sent("list_models")]
+    assert filters[:2] == ['labels.vlmtune_name="chart-vlm"', 'display_name="Chart-VLM"']
+    assert (v1.version, v1.model_uri, v1.content_hash) == (1, "gs://acme-ml/runs/1/dpo", sha(1))
+    assert v1.metrics == {"vqa": 0.1} and v1.lineage == LINEAGE and "champion" in v1.aliases
+
+
+def test_next_registration_is_a_version_of_the_same_model_and_takes_the_alias(registry, vertex):
+    register(registry, 1)
+    v2 = register(registry, 2)
+    second = vertex.sent("upload_model")[1]
+    assert second.parent_model == f"{PARENT}/models/1000"
+    assert sorted(second.model.version_aliases) == ["champion", "default"]
+    assert second.model.artifact_uri == "gs://acme-ml/runs/2/dpo"
+    assert v2.version == 2
+    assert registry.get("Chart-VLM", "champion").version == 2
+    assert registry.get("Chart-VLM", 1).aliases == []  # the alias moved
+    assert [v.version for v in registry.list_versions("Chart-VLM")] == [1, 2]
+    assert registry.get("Chart-VLM", "latest").model_uri == "gs://acme-ml/runs/2/dpo"
+    assert registry.get("Chart-VLM", 7) is None and registry.get("unknown", 1) is None
+
+
+def test_non_champion_registration_keeps_default_and_champion_where_they_are(registry, vertex):
+    register(registry, 1)
+    v2 = register(registry, 2, make_champion=False)
+    upload = vertex.sent("upload_model")[1]
+    assert list(upload.model.version_aliases) == []
+    assert v2.aliases == [] and registry.get("Chart-VLM", "champion").version == 1
+    registry.set_alias("Chart-VLM", "champion", 2)
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/1000@2", ["champion", "default"])
+    assert registry.get("Chart-VLM", "champion").version == 2
+
+
+def test_same_content_hash_returns_existing_version_without_uploading(registry, vertex):
+    first = register(registry, 1)
+    again = register(registry, 99, content_hash=sha(1))
+    assert again.version == first.version == 1 and again.model_uri == "gs://acme-ml/runs/1/dpo"
+    assert len(vertex.sent("upload_model")) == 1
+    lookup = vertex.sent("list_model_versions")[-1]
+    assert lookup.name == f"{PARENT}/models/1000"
+    assert lookup.filter == f'labels.vlmtune_content_hash="{sha(1)[:63]}"'
+    # a hash sharing the label's 63-character prefix is a different artifact: a new version
+    near = sha(1)[:63] + ("0" if sha(1)[-1] != "0" else "1")
+    assert register(registry, 3, content_hash=near).version == 2
+
+
+def test_reference_through_vertex_and_local_model_is_refused(registry, vertex):
+    register(registry, 1)
+    assert resolve_reference("vertex://projects/p1/locations/europe-west4::Chart-VLM@champion",
+                             credentials=AnonymousCredentials()) == "gs://acme-ml/runs/1/dpo"
+    with pytest.raises(Exception, match="Vertex AI reads models from Cloud Storage"):
+        registry.register("Chart-VLM", "/tmp/model", content_hash="e" * 64, metrics={}, lineage={}, card="")
+
+
+def test_label_sanitising():
+    assert sanitize_label("HuggingFaceTB/SmolVLM-256M-Instruct") == "huggingfacetb_smolvlm-256m-instruct"
+    assert len(sanitize_label("x" * 100)) == 63
+    assert sanitize_label("9lives", key=True) == "k_9lives"
+    labels = lineage_labels("m", "h", {"nested": {"a": 1}, "none": None, "Epochs": 3})
+    assert labels == {"vlmtune_name": "m", "vlmtune_content_hash": "h", "lineage_epochs": "3"}
