@@ -344,7 +344,8 @@ class ShardWriter:
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         rel = f"{self.split}/part-{len(self.files):05d}.parquet"
-        self.writer = pq.ParquetWriter(self.dir.parent / rel, self.schema, compression="zstd")
+        # No dictionary encoding: it would hash every image blob only to give up; zstd is cheap on JPEG/PNG bytes.
+        self.writer = pq.ParquetWriter(self.dir.parent / rel, self.schema, compression="zstd", use_dictionary=False)
         self.files.append(rel)
         self.rows_in_file = 0
 
@@ -509,7 +510,10 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
     chunk_rows = 8
     pool = None
     if workers > 0:
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # fork: no interpreter start-up per worker and no re-import of __main__ (spawn breaks for `python -`
+        # and stdin-fed runners). Workers only run Pillow code, never the parent's threads or torch.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
     max_in_flight = max(2, 4 * workers)
 
     def prepared() -> Iterator[PendingRow]:
