@@ -316,6 +316,7 @@ def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callab
     failures in rounds; raise StorageError naming every file that still failed. Nothing is dropped."""
     pending = list(items)
     failures: dict[str, BaseException] = {}
+    give_up_at = time.monotonic() + retry_deadline_s()
     for round_no in range(TRANSFER_ROUNDS):
         results = run(pending)
         if len(results) != len(pending):  # defensive: the transfer manager promises one result per item
@@ -339,14 +340,16 @@ def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callab
                 f"{op} {_uri(bucket, prefix)}: {len(permanent)} of {len(items)} files failed, e.g. {item!r}: "
                 f"{translated}"
             ) from exc
+        if time.monotonic() >= give_up_at:
+            break
         log.warning("%s %s: %d of %d files failed transiently (round %d); retrying them", op,
                     _uri(bucket, prefix), len(failures), len(items), round_no + 1)
         pending = list(failures)
         _sleep_backoff(round_no)
     item, exc = next(iter(failures.items()))
     raise StorageError(
-        f"{op} {_uri(bucket, prefix)}: {len(failures)} of {len(items)} files still failed after {TRANSFER_ROUNDS} "
-        f"rounds of retries, e.g. {item!r}: {exc}. The storage service or network is unavailable; re-run the step."
+        f"{op} {_uri(bucket, prefix)}: {len(failures)} of {len(items)} files still failed after "
+        f"retrying (VLMTUNE_GCS_RETRY_DEADLINE_S={retry_deadline_s():.0f}s), e.g. {item!r}: {exc}. The storage service or network is unavailable; re-run the step."
     ) from exc
 
 

@@ -1,0 +1,302 @@
+"""gs:// storage against fake-gcs-server: healthy, behind a fault-injecting proxy, and with the server killed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from components.common import artifacts, gcs, storage
+from components.common.artifacts import IncompleteArtifactError
+from components.common.storage import StorageError
+
+pytestmark = pytest.mark.gcs
+
+
+def make_tree(root: Path, n: int = 20, seed: int = 0) -> dict[str, bytes]:
+    """~20 files, a few hundred KB in all, in nested folders (incl. an empty file and odd names)."""
+    rng = random.Random(seed)
+    files: dict[str, bytes] = {}
+    for i in range(n):
+        depth = i % 4
+        rel = "/".join([f"d{j}" for j in range(depth)] + [f"file {i}.bin" if i % 7 == 3 else f"f{i}.bin"])
+        size = 0 if i == 5 else rng.randint(1_000, 30_000)
+        files[rel] = rng.randbytes(size)
+    files["config.json"] = json.dumps({"a": 1}).encode()
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ healthy
+
+def test_read_write_exists_list(gcs_bucket):
+    base = f"gs://{gcs_bucket}/run1"
+    storage.write_text(storage.join(base, "a.txt"), "hello")
+    storage.write_bytes(storage.join(base, "sub/b.bin"), b"\x00\x01")
+    assert storage.read_text(f"{base}/a.txt") == "hello"
+    assert storage.read_bytes(f"{base}/sub/b.bin") == b"\x00\x01"
+    assert storage.exists(f"{base}/a.txt") and storage.exists(base) and storage.exists(f"{base}/sub")
+    assert not storage.exists(f"{base}/nope") and not storage.exists(f"gs://{gcs_bucket}/run")
+    assert storage.list_files(base) == [f"{base}/a.txt", f"{base}/sub/b.bin"]
+    assert storage.list_files(f"gs://{gcs_bucket}/run") == []  # a prefix of a name is not a folder
+    storage.write_text(f"{base}/a.txt", "again")  # overwrite
+    assert storage.read_text(f"{base}/a.txt") == "again"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.read_bytes(f"{base}/nope")
+
+
+def test_delete_is_folder_exact(gcs_bucket):
+    for name in ("run1/a", "run1/b/c", "run10/a", "run1", "single"):
+        storage.write_text(f"gs://{gcs_bucket}/{name}", name)
+    storage.delete(f"gs://{gcs_bucket}/run1")
+    storage.delete(f"gs://{gcs_bucket}/single")
+    assert storage.list_files(f"gs://{gcs_bucket}") == [f"gs://{gcs_bucket}/run10/a"]
+    storage.delete(f"gs://{gcs_bucket}/run1")  # nothing there: fine
+    with pytest.raises(StorageError, match="refusing"):
+        storage.delete(f"gs://{gcs_bucket}")
+
+
+def test_missing_bucket_is_a_clear_error(gcs_bucket, tmp_path):
+    uri = "gs://no-such-bucket-xyz/data/file.txt"
+    for call in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"x"),
+                 lambda: storage.list_files("gs://no-such-bucket-xyz/data"), lambda: storage.exists(uri),
+                 lambda: storage.write_if_absent(uri, b"x"), lambda: artifacts.is_complete("gs://no-such-bucket-xyz/a")):
+        with pytest.raises(StorageError) as e:
+            call()
+        assert "no-such-bucket-xyz" in str(e.value) and "does not exist" in str(e.value)
+        assert "buckets create" in str(e.value)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError, match="no-such-bucket-xyz.*does not exist"):
+        storage.upload_dir(tmp_path, "gs://no-such-bucket-xyz/tree")
+    with pytest.raises(StorageError, match="does not exist"):
+        with storage.local_output("gs://no-such-bucket-xyz/out"):
+            pytest.fail("body must not run when the output bucket is missing")
+
+
+def test_write_if_absent_race_exactly_one_wins(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/registry/v1/claim"
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results[i] = storage.write_if_absent(uri, f"writer {i}".encode())
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == 8 and len(winners) == 1
+    assert storage.read_text(uri) == f"writer {winners[0]}"
+
+
+def test_tree_round_trip_and_local_input(gcs_bucket, tmp_path):
+    files = make_tree(tmp_path / "src")
+    uri = f"gs://{gcs_bucket}/models/m1"
+    storage.upload_dir(tmp_path / "src", uri, exclude=("config.json",))
+    expected = {k: v for k, v in files.items() if k != "config.json"}
+    assert len(storage.list_files(uri)) == len(expected)
+    assert read_tree(storage.download_dir(uri, tmp_path / "dst")) == expected
+    with storage.local_input(uri) as folder:
+        assert read_tree(folder) == expected
+        kept = folder
+    assert not kept.exists()  # temp download removed
+    with storage.local_input(f"{uri}/f4.bin") as f:
+        assert f.read_bytes() == files["f4.bin"] and f.name == "f4.bin"
+    with pytest.raises(FileNotFoundError):
+        with storage.local_input(f"gs://{gcs_bucket}/models/none"):
+            pass
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(f"gs://{gcs_bucket}/models/none", tmp_path / "x")
+
+
+def test_large_file_resumable_upload_round_trip(gcs_bucket, tmp_path):
+    data = random.Random(1).randbytes(gcs.MULTIPART_LIMIT + 123)  # over 8 MiB: resumable upload path
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.safetensors").write_bytes(data)
+    storage.upload_dir(tmp_path / "src", f"gs://{gcs_bucket}/big")
+    out = storage.download_dir(f"gs://{gcs_bucket}/big", tmp_path / "dst")
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_local_output_publishes_manifest_last(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/artifacts/ds1"
+    with storage.local_output(uri) as folder:
+        make_tree(folder, n=5)
+        artifacts.write_manifest(str(folder), {"kind": "dataset", "rows": 5})
+        assert not storage.exists(uri)  # nothing published while the body runs
+    assert artifacts.read_manifest(uri, kind="dataset")["rows"] == 5
+    assert len(storage.list_files(uri)) == 7
+    meta = gcs.client().bucket(gcs_bucket).get_blob("artifacts/ds1/manifest.json").metadata
+    assert gcs.WRITER_TOKEN_KEY in meta  # written create-only
+
+
+def test_local_output_body_raises_publishes_nothing(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/artifacts/ds2"
+    with pytest.raises(ValueError):
+        with storage.local_output(uri) as folder:
+            make_tree(folder, n=5)
+            artifacts.write_manifest(str(folder), {"kind": "dataset"})
+            raise ValueError("step crashed")
+    assert storage.list_files(uri) == [] and not artifacts.is_complete(uri)
+    with pytest.raises(IncompleteArtifactError, match="did not finish"):
+        artifacts.read_manifest(uri)
+
+
+def test_local_output_rerun_clears_stale_manifest_first(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/artifacts/ds3"
+    with storage.local_output(uri) as folder:
+        (folder / "data").write_text("v1")
+        artifacts.write_manifest(str(folder), {"kind": "dataset", "v": 1})
+    with pytest.raises(RuntimeError):
+        with storage.local_output(uri) as folder:
+            assert not artifacts.is_complete(uri)  # old manifest no longer vouches for the folder
+            raise RuntimeError("second run crashed")
+    assert not artifacts.is_complete(uri)
+
+
+def test_local_output_refuses_marker_written_meanwhile(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/artifacts/ds4"
+    with pytest.raises(StorageError, match="appeared while local_output"):
+        with storage.local_output(uri) as folder:
+            (folder / "data").write_text("mine")
+            artifacts.write_manifest(str(folder), {"writer": "me"})
+            artifacts.write_manifest(uri, {"writer": "someone else"})  # a rival finished first
+    assert artifacts.read_manifest(uri)["writer"] == "someone else"
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+FLAKY = {"reset": 0.025, "reset_after": 0.025, "503": 0.025, "429": 0.025}  # 10% of requests fail
+
+
+def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_bucket, tmp_path):
+    proxy = gcs_fault_proxy
+    proxy.slow_s = 0.05
+    proxy.set_rates(**FLAKY, slow=0.03)
+    files = make_tree(tmp_path / "src", n=20, seed=7)
+    assert 200_000 < sum(map(len, files.values())) < 1_000_000
+    base = f"gs://{gcs_bucket}/flaky"
+
+    storage.upload_dir(tmp_path / "src", f"{base}/tree")
+    assert read_tree(storage.download_dir(f"{base}/tree", tmp_path / "dst")) == files
+
+    with storage.local_output(f"{base}/artifact") as folder:
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        artifacts.write_manifest(str(folder), {"kind": "model", "n": len(files)})
+    assert artifacts.read_manifest(f"{base}/artifact", kind="model")["n"] == len(files)
+    with storage.local_input(f"{base}/artifact") as folder:
+        got = read_tree(folder)
+    assert got.pop("manifest.json") and got == files
+
+    for i in range(10):
+        storage.write_text(f"{base}/single/{i}.txt", str(i))
+        assert storage.read_text(f"{base}/single/{i}.txt") == str(i)
+    assert storage.write_if_absent(f"{base}/claim", b"x") is True
+    assert storage.write_if_absent(f"{base}/claim", b"y") is False
+    storage.delete(f"{base}/single")
+    assert storage.list_files(f"{base}/single") == []
+
+    assert proxy.total_faults >= 10, proxy.faults  # the faults really happened, and were all absorbed
+    assert set(proxy.faults) >= {"reset", "reset_after", "503", "429"}, proxy.faults
+
+
+def test_write_if_absent_recognises_its_own_lost_success(gcs_fault_proxy, gcs_bucket):
+    """The create succeeds but its response is lost; the retry meets 412 on our own object: still a win."""
+    uri = f"gs://{gcs_bucket}/registry/v7"
+    gcs_fault_proxy.inject("reset_after", method="POST", path_contains="/upload/")
+    assert storage.write_if_absent(uri, b"mine") is True
+    assert gcs_fault_proxy.faults["reset_after"] == 1
+    gcs_fault_proxy.inject("reset_after", method="POST", path_contains="/upload/")
+    assert storage.write_if_absent(uri, b"rival") is False  # a rival's lost success is not ours
+    assert storage.read_bytes(uri) == b"mine"
+
+
+def test_write_if_absent_race_through_faulty_proxy(gcs_fault_proxy, gcs_bucket):
+    gcs_fault_proxy.set_rates(reset_after=0.2, **{"503": 0.1})
+    for k in range(3):
+        uri = f"gs://{gcs_bucket}/claims/{k}"
+        barrier = threading.Barrier(2)
+        results = []
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            results.append(storage.write_if_absent(uri, f"w{i}".encode()))
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False, True]
+
+
+def test_storage_dying_mid_write_marks_nothing_complete(gcs_fault_proxy, gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTUNE_GCS_RETRY_DEADLINE_S", "1.5")
+    uri = f"gs://{gcs_bucket}/artifacts/dying"
+    gcs_fault_proxy.set_rates(slow=1.0)  # serialise a little so the cut lands mid-upload
+    gcs_fault_proxy.slow_s = 0.01
+    with pytest.raises(StorageError, match="still failed after retrying"):
+        with storage.local_output(uri) as folder:
+            make_tree(folder, n=20)
+            artifacts.write_manifest(str(folder), {"kind": "model"})
+            gcs_fault_proxy.fail_all_after(8, kind="503")
+    gcs_fault_proxy.heal()
+    written = storage.list_files(uri)
+    assert 0 < len(written) < 21  # it really died mid-write
+    assert f"{uri}/manifest.json" not in written
+    assert not artifacts.is_complete(uri)
+    with pytest.raises(IncompleteArtifactError):
+        artifacts.read_manifest(uri)
+
+
+def test_emulator_killed_mid_write_marks_nothing_complete(tmp_path, monkeypatch):
+    from tests.fault_proxy import FaultProxy
+    from tests.fixtures_gcs import FAST_RETRY_ENV, start_fake_gcs
+
+    for k, v in FAST_RETRY_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VLMTUNE_GCS_RETRY_DEADLINE_S", "1.5")
+    emulator = start_fake_gcs(tmp_path / "gcs-data")
+    proxy = FaultProxy(emulator.url)
+    try:
+        proxy.start()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        gcs.client().create_bucket("killed")
+        uri = "gs://killed/artifacts/model"
+        kill_at = {"n": None}
+
+        def on_request(seq: int) -> None:
+            if kill_at["n"] is not None and seq >= kill_at["n"] and emulator.proc is not None:
+                emulator.kill()  # SIGKILL: the storage service dies with uploads in flight
+
+        proxy.on_request = on_request
+        with pytest.raises(StorageError):
+            with storage.local_output(uri) as folder:
+                make_tree(folder, n=20)
+                artifacts.write_manifest(str(folder), {"kind": "model"})
+                kill_at["n"] = proxy.requests + 10
+        proxy.on_request = None
+        emulator.start()  # same port, same data folder: what survived the crash
+        written = storage.list_files(uri)
+        assert f"{uri}/manifest.json" not in written
+        assert 0 < len(written) < 21
+        assert not artifacts.is_complete(uri)
+        with pytest.raises(IncompleteArtifactError, match="did not finish"):
+            artifacts.read_manifest(uri)
+    finally:
+        proxy.stop()
+        emulator.kill()
