@@ -79,7 +79,7 @@ class FaultProxy:
             pass
 
         Handler.proxy = proxy
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fault-proxy", daemon=True)
@@ -157,6 +157,16 @@ class FaultProxy:
 
     def _rewrite(self, data: bytes) -> bytes:
         return data.replace(self.upstream.encode(), self.url.encode())
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+        if isinstance(sys.exc_info()[1], OSError):  # the client hung up (it timed out or gave up): expected
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,0 +1,255 @@
+"""Storage on local paths and file:// URIs, and the artifact manifest contract (no emulator needed)."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from components.common import artifacts, storage
+from components.common.artifacts import IncompleteArtifactError
+from components.common.storage import StorageError
+
+
+@pytest.fixture(params=["path", "file"])
+def root(request, tmp_path) -> str:
+    """The same tests on plain paths and on file:// URIs."""
+    return str(tmp_path) if request.param == "path" else f"file://{tmp_path}"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp-" in p.name or ".partial-" in p.name)
+
+
+# ----------------------------------------------------------------------------------------------- URIs
+
+def test_uri_helpers(tmp_path):
+    assert storage.is_remote("gs://b/x") and not storage.is_remote("/x") and not storage.is_remote(f"file://{tmp_path}")
+    assert storage.to_local_path(f"file://{tmp_path}/a") == tmp_path / "a"
+    assert storage.to_local_path("file://localhost/tmp/a") == Path("/tmp/a")
+    assert storage.to_local_path(tmp_path / "a") == tmp_path / "a"
+    assert storage.join("gs://b/x/", "y", "/z/") == "gs://b/x/y/z"
+    assert storage.join("gs://b", "", "m.json") == "gs://b/m.json"
+    assert storage.join(f"file://{tmp_path}", "a", "b") == str(tmp_path / "a" / "b")
+    with pytest.raises(StorageError, match="not a local path"):
+        storage.to_local_path("gs://b/x")
+
+
+@pytest.mark.parametrize("uri, match", [
+    ("gs://", "names no bucket"),
+    ("gs:///path/x", "names no bucket"),
+    ("gs://My_Bucket/x", "not a valid bucket name"),
+    ("gs://ab/x", "not a valid bucket name"),
+    ("gs://bucket/a//b", "empty"),
+    ("gs://bucket/a/../b", "'..'"),
+    ("s3://bucket/x", "unsupported URI scheme"),
+    ("gcs://bucket/x", "Did you mean gs://"),
+    ("file://relative/path", "absolute path"),
+])
+def test_bad_uris_are_clear_errors(uri, match):
+    with pytest.raises(StorageError, match=match) as e:
+        storage.read_bytes(uri)
+    assert uri.split("/")[0] in str(e.value) or match in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ read/write
+
+def test_write_read_overwrite_atomic(root, tmp_path):
+    uri = storage.join(root, "deep/er/a.txt")
+    storage.write_text(uri, "one")
+    storage.write_text(uri, "two")
+    assert storage.read_text(uri) == "two" and storage.exists(uri)
+    assert leftovers(tmp_path) == []  # no temp files left behind
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing"))
+    with pytest.raises(StorageError, match="folder"):
+        storage.read_bytes(storage.join(root, "deep"))
+
+
+def test_concurrent_writers_never_tear_a_file(tmp_path):
+    uri = str(tmp_path / "x.bin")
+    payloads = [bytes([i]) * 200_000 for i in range(6)]
+    errors = []
+
+    def writer(data: bytes) -> None:
+        try:
+            for _ in range(5):
+                storage.write_bytes(uri, data)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for _ in range(50):
+        if Path(uri).exists():
+            assert storage.read_bytes(uri) in payloads
+    for t in threads:
+        t.join()
+    assert not errors and storage.read_bytes(uri) in payloads and leftovers(tmp_path) == []
+
+
+def test_write_if_absent(root, tmp_path):
+    uri = storage.join(root, "v/claim")
+    assert storage.write_if_absent(uri, b"first") is True
+    assert storage.write_if_absent(uri, b"second") is False
+    assert storage.read_bytes(uri) == b"first" and leftovers(tmp_path) == []
+
+
+def test_write_if_absent_race_exactly_one_wins(tmp_path):
+    uri = str(tmp_path / "claim")
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results[i] = storage.write_if_absent(uri, f"w{i}".encode())
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1 and storage.read_text(uri) == f"w{winners[0]}"
+
+
+def test_write_if_absent_without_hard_links(tmp_path, monkeypatch):
+    def no_link(*a, **k):
+        raise PermissionError(1, "Operation not permitted")  # EPERM, as on some FUSE mounts
+
+    monkeypatch.setattr("os.link", no_link)
+    uri = str(tmp_path / "claim")
+    assert storage.write_if_absent(uri, b"a") is True
+    assert storage.write_if_absent(uri, b"b") is False
+    assert storage.read_bytes(uri) == b"a"
+
+
+def test_list_delete_exists(root, tmp_path):
+    for rel in ("a/1", "a/b/2", "c"):
+        storage.write_text(storage.join(root, rel), rel)
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in storage.list_files(root)] == ["a/1", "a/b/2", "c"]
+    assert storage.list_files(storage.join(root, "nope")) == []
+    storage.delete(storage.join(root, "a"))
+    storage.delete(storage.join(root, "c"))
+    storage.delete(storage.join(root, "never-there"))
+    assert not storage.exists(storage.join(root, "a")) and storage.list_files(root) == []
+
+
+def test_upload_download_dir(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "x" / "y").mkdir(parents=True)
+    (src / "x" / "y" / "f").write_bytes(b"f")
+    (src / "g").write_bytes(b"g")
+    (src / "skip.json").write_bytes(b"s")
+    storage.upload_dir(src, storage.join(root, "up"), exclude=("skip.json",))
+    assert sorted(Path(p).name for p in storage.list_files(storage.join(root, "up"))) == ["f", "g"]
+    out = storage.download_dir(storage.join(root, "up"), tmp_path / "down")
+    assert (out / "x" / "y" / "f").read_bytes() == b"f"
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(storage.join(root, "nope"), tmp_path / "d2")
+    with pytest.raises(FileNotFoundError):
+        storage.upload_dir(tmp_path / "nope", storage.join(root, "up2"))
+
+
+def test_local_input(root):
+    storage.write_text(storage.join(root, "in/a.txt"), "a")
+    with storage.local_input(storage.join(root, "in")) as folder:
+        assert (folder / "a.txt").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        with storage.local_input(storage.join(root, "missing")):
+            pass
+
+
+# ---------------------------------------------------------------------------------------- local_output
+
+def test_local_output_publishes_on_success(root, tmp_path):
+    uri = storage.join(root, "out")
+    with storage.local_output(uri) as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "data.bin").write_bytes(b"d")
+        (folder / "empty").mkdir()
+        artifacts.write_manifest(str(folder), {"kind": "dataset"})
+        assert not artifacts.is_complete(uri) and not (tmp_path / "out").exists()  # untouched while running
+    assert artifacts.read_manifest(uri, kind="dataset")["kind"] == "dataset"
+    assert (tmp_path / "out" / "sub" / "data.bin").read_bytes() == b"d" and (tmp_path / "out" / "empty").is_dir()
+    assert leftovers(tmp_path) == []
+
+
+def test_local_output_body_raises_marks_nothing(root, tmp_path):
+    uri = storage.join(root, "out")
+    with pytest.raises(KeyError):
+        with storage.local_output(uri) as folder:
+            (folder / "half.bin").write_bytes(b"h")
+            artifacts.write_manifest(str(folder), {"kind": "dataset"})
+            raise KeyError("crash after the manifest was written")
+    assert not artifacts.is_complete(uri)
+    assert not (tmp_path / "out" / "half.bin").exists() and leftovers(tmp_path) == []
+    with pytest.raises(IncompleteArtifactError, match="did not finish"):
+        artifacts.read_manifest(uri)
+
+
+def test_local_output_rerun_invalidates_old_manifest(root, tmp_path):
+    uri = storage.join(root, "out")
+    with storage.local_output(uri) as folder:
+        (folder / "v").write_text("1")
+        artifacts.write_manifest(str(folder), {"v": 1})
+    with pytest.raises(RuntimeError):
+        with storage.local_output(uri) as folder:
+            assert not artifacts.is_complete(uri)
+            raise RuntimeError
+    assert not artifacts.is_complete(uri) and (tmp_path / "out" / "v").read_text() == "1"
+    with storage.local_output(uri) as folder:
+        (folder / "v").write_text("2")
+        artifacts.write_manifest(str(folder), {"v": 2})
+    assert artifacts.read_manifest(uri)["v"] == 2 and (tmp_path / "out" / "v").read_text() == "2"
+
+
+def test_local_output_manifest_after_block_and_marker_conflict(root):
+    uri = storage.join(root, "out")
+    with storage.local_output(uri) as folder:
+        (folder / "f").write_text("x")
+    assert not artifacts.is_complete(uri)
+    artifacts.write_manifest(uri, {"kind": "k"})  # pattern 2: manifest straight to the URI, after the block
+    assert artifacts.is_complete(uri)
+    with pytest.raises(StorageError, match="appeared while local_output"):
+        with storage.local_output(uri) as folder:
+            artifacts.write_manifest(str(folder), {"who": "me"})
+            artifacts.write_manifest(uri, {"who": "rival"})
+    assert artifacts.read_manifest(uri)["who"] == "rival"
+
+
+def test_local_output_on_a_file_is_an_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError, match="is a file"):
+        with storage.local_output(str(tmp_path / "f")):
+            pass
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+
+def test_manifest_contract(root):
+    uri = storage.join(root, "art")
+    assert not artifacts.is_complete(uri)
+    written = artifacts.write_manifest(uri, {"kind": "model", "path": Path("/x")})
+    assert "created_at" in written
+    assert artifacts.read_manifest(uri, kind="model")["path"] == "/x"
+    with pytest.raises(IncompleteArtifactError, match="'dataset' artifact was expected"):
+        artifacts.read_manifest(uri, kind="dataset")
+    artifacts.invalidate(uri)
+    assert not artifacts.is_complete(uri)
+    storage.write_text(storage.join(uri, "manifest.json"), "{not json")
+    with pytest.raises(IncompleteArtifactError, match="not valid JSON"):
+        artifacts.read_manifest(uri)
+    storage.write_text(storage.join(uri, "manifest.json"), json.dumps([1]))
+    with pytest.raises(IncompleteArtifactError, match="not an object"):
+        artifacts.read_manifest(uri)
+
+
+def test_hash_files(root):
+    a, b = storage.join(root, "a"), storage.join(root, "b")
+    storage.write_bytes(a, b"1")
+    storage.write_bytes(b, b"2")
+    assert artifacts.hash_files([a, b]) != artifacts.hash_files([b, a])
+    assert artifacts.hash_files([a, b]) == artifacts.hash_files([a, b])
