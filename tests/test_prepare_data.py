@@ -337,3 +337,16 @@ def test_cli_reports_config_and_source_errors(tmp_path, capsys):
     assert rc == 2 and "unknown key 'image_colum'" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         build_config(PrepareDataConfig, {"preset": "nope"})
+
+
+def test_wrong_column_mapping_names_the_column_and_stops_early(tmp_path, monkeypatch):
+    src = _good_source(tmp_path / "src", 12)
+    rows = [json.loads(line) for line in (src / "rows.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["query"] = r.pop("question")
+    (src / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(core, "EARLY_ROWS", 8)
+    with pytest.raises(core.TooManyInvalidRowsError, match=r"stopped early.*column_not_found:question=\d+ \(e.g. row-0.*--set question_column"):
+        core.run(cfg(), str(src), str(tmp_path / "out"))
+    m = core.run(cfg(question_column="query"), str(src), str(tmp_path / "out"))
+    assert m["counts"]["rows_out"] == 12

@@ -33,6 +33,7 @@ from components.prepare_data.config import PrepareDataConfig
 from components.prepare_data.sources import SourceError, iter_rows, open_source
 
 EXAMPLES_PER_REASON = 5
+EARLY_ROWS = 1000  # if this many rows in a row are all invalid, stop: the column mapping is wrong
 # Reasons that are not "invalid input": they do not count towards max_invalid_fraction.
 NOT_INVALID = {"duplicate"}
 
@@ -263,6 +264,12 @@ def normalize_row(row: dict, cfg: PrepareDataConfig, root: Path, root_resolved: 
     def get(column: str | None):
         return row.get(column) if column else None
 
+    def need(column: str) -> Any:
+        # A column absent from the row is a mapping problem, not an empty value: say which column.
+        if column not in row:
+            raise RowRejected(f"column_not_found:{column}")
+        return row[column]
+
     source_id = get(cfg.id_column)
     source_id = None if source_id is None or source_id == "" else str(source_id)
     category = get(cfg.category_column)
@@ -270,12 +277,12 @@ def normalize_row(row: dict, cfg: PrepareDataConfig, root: Path, root_resolved: 
     system = get(cfg.system_prompt_column) or cfg.system_prompt
     if system is not None and not isinstance(system, str):
         raise RowRejected("non_string_system_prompt")
-    refs = _image_refs(get(cfg.image_column), root, root_resolved)
+    refs = _image_refs(need(cfg.image_column), root, root_resolved)
     head = [schema.system_turn(system)] if system else []
     if cfg.task == "preference":
-        question = _text(get(cfg.question_column) if cfg.question_column else cfg.question, "empty_question", "non_string_question")
-        chosen = _text(get(cfg.chosen_column), "empty_answer", "non_string_answer").strip()
-        rejected = _text(get(cfg.rejected_column), "empty_answer", "non_string_answer").strip()
+        question = _text(need(cfg.question_column) if cfg.question_column else cfg.question, "empty_question", "non_string_question")
+        chosen = _text(need(cfg.chosen_column), "empty_answer", "non_string_answer").strip()
+        rejected = _text(need(cfg.rejected_column), "empty_answer", "non_string_answer").strip()
         if chosen == rejected:
             raise RowRejected("chosen_equals_rejected")
         text = {
@@ -284,11 +291,11 @@ def normalize_row(row: dict, cfg: PrepareDataConfig, root: Path, root_resolved: 
             "rejected": [schema.assistant_turn(rejected)],
         }
     elif cfg.messages_column:
-        messages, answers = _messages_from_column(get(cfg.messages_column), len(refs), system)
+        messages, answers = _messages_from_column(need(cfg.messages_column), len(refs), system)
         text = {"messages": messages, "answers": answers}
     else:
-        question = _text(get(cfg.question_column) if cfg.question_column else cfg.question, "empty_question", "non_string_question")
-        answers = _answers(get(cfg.answer_column), cfg.answers_by_frequency)
+        question = _text(need(cfg.question_column) if cfg.question_column else cfg.question, "empty_question", "non_string_question")
+        answers = _answers(need(cfg.answer_column), cfg.answers_by_frequency)
         text = {
             "messages": head + [schema.user_turn(question, len(refs)), schema.assistant_turn(answers[0])],
             "answers": answers,
@@ -455,6 +462,25 @@ def _file_hash(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _too_many_invalid(cfg, source_uri: str, rejects: "Rejects", counts, early: bool) -> TooManyInvalidRowsError:
+    rows_in = counts["rows_in"]
+    invalid = rejects.count(exclude=NOT_INVALID)
+    fraction = invalid / rows_in if rows_in else 0.0
+    where = f"after the first {rows_in} rows (stopped early) " if early else ""
+    reasons = ", ".join(
+        f"{r}={e['count']} (e.g. {', '.join(e['examples'][:3])})" for r, e in rejects.as_dict().items()
+    )
+    hint = ""
+    if any(r.startswith("column_not_found:") for r in rejects.by_reason):
+        hint = " Some columns named by the config are not in the source: set the column mapping (--preset NAME or --set question_column=...)."
+    return TooManyInvalidRowsError(
+        f"{where}{invalid} of {rows_in} rows of {source_uri!r} are invalid ({fraction:.1%}), above "
+        f"max_invalid_fraction={cfg.max_invalid_fraction:.1%}. Rejects by reason: {reasons}.{hint} Fix the source, "
+        "check the column mapping (--preset / --set image_column=...), or raise --max-invalid-fraction to accept the loss.",
+        {"counts": {"rows_in": rows_in, "rows_out": counts["rows_out"], "invalid": invalid}, "rejects": rejects.as_dict()},
+    )
+
+
 def run(config: PrepareDataConfig, source: str, output: str) -> dict[str, Any]:
     """Prepare ``source`` into a dataset artifact at ``output``; returns the manifest that was written.
 
@@ -516,6 +542,17 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
     max_in_flight = max(2, 4 * workers)
 
+    def fail_early_if_hopeless() -> None:
+        # Don't grind through a whole dataset that is bound to fail: when the invalid rows already exceed the
+        # limit for the known total, or the first EARLY_ROWS rows all failed (a wrong column mapping).
+        invalid = rejects.count(exclude=NOT_INVALID)
+        seen = counts["rows_in"]
+        hopeless = (src.total_rows and invalid > cfg.max_invalid_fraction * src.total_rows) or (
+            seen >= EARLY_ROWS and invalid == seen and cfg.max_invalid_fraction < 1.0
+        )
+        if hopeless:
+            raise _too_many_invalid(cfg, source_uri, rejects, counts, early=True)
+
     def prepared() -> Iterator[PendingRow]:
         for index, (label, row, error) in enumerate(iter_rows(src)):
             counts["rows_in"] += 1
@@ -527,6 +564,7 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
             except RowRejected as e:
                 example = row.get(cfg.id_column) if cfg.id_column else None
                 rejects.add(e.reason, str(example) if example not in (None, "") else label)
+                fail_early_if_hopeless()
                 continue
             yield PendingRow(index, label, source_id, text, category, refs)
 
@@ -591,6 +629,10 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
             for pending, (_, res) in zip(chunk, results):
                 finish(pending, res)
             bar.update(len(chunk))
+            if rejects.by_reason:
+                bar.set_postfix_str(f"rejected={rejects.count()}", refresh=False)
+            fail_early_if_hopeless()
+
 
         for chunk in _chunks(prepared(), chunk_rows):
             tasks = [(p.index, p.refs) for p in chunk]
@@ -626,14 +668,7 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
     if rows_in == 0:
         raise TooManyInvalidRowsError(f"source {source_uri!r} has no rows; nothing to prepare", {"counts": summary, "rejects": {}})
     if invalid_fraction > cfg.max_invalid_fraction or counts["rows_out"] == 0:
-        raise TooManyInvalidRowsError(
-            f"{invalid} of {rows_in} rows of {source_uri!r} are invalid ({invalid_fraction:.1%}), above "
-            f"max_invalid_fraction={cfg.max_invalid_fraction:.1%}. Rejects by reason: "
-            + ", ".join(f"{r}={e['count']} (e.g. {', '.join(e['examples'][:3])})" for r, e in rejects.as_dict().items())
-            + ". Fix the source, check the column mapping (--preset / --set image_column=...), or raise "
-            "--max-invalid-fraction to accept the loss.",
-            {"counts": summary, "rejects": rejects.as_dict()},
-        )
+        raise _too_many_invalid(cfg, source_uri, rejects, counts, early=False)
     all_files = [out_dir / f for s in schema.SPLITS for f in split_files[s]]
     return {
         "kind": schema.DATASET_KIND,
