@@ -191,3 +191,13 @@ def test_gs_source_and_output(gcs_bucket, tmp_path):
     assert artifacts.read_manifest(out, kind=schema.DATASET_KIND)["content_hash"] == manifest["content_hash"]
     total = sum(len(core.load_split(out, s)) for s in schema.SPLITS)
     assert total == 6
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "prepare_data").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    from components.common.config import load_config
+
+    config = load_config(PrepareDataConfig, str(path)).resolved()
+    assert config.validate() == []
+    assert path.read_text().lstrip().startswith("#")  # a header with the command to run it
