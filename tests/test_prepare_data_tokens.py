@@ -78,7 +78,8 @@ def test_reported_tokens_match_the_processor(smolvlm_processor, source, tmp_path
     assert settings["size"] == {"longest_edge": edge} and settings["max_image_size"] == {"longest_edge": 384}
     assert settings["do_image_splitting"] is True and settings["image_seq_len"] == 81
     processor = AutoProcessor.from_pretrained(smolvlm_processor)
-    processor.image_processor.size = {"longest_edge": edge}  # what training does with processor_settings
+    core.apply_processor_settings(processor, settings)  # what training does with the manifest
+    assert processor.image_processor.size["longest_edge"] == edge
     produced = {}
     for id_, im in stored_images(tmp_path / "out", manifest):
         assert max(im.size) <= edge

@@ -115,6 +115,17 @@ def load_processor_settings(ref: str, longest_edge: int | None = None) -> dict[s
     }
 
 
+def apply_processor_settings(processor: Any, settings: dict[str, Any] | None) -> Any:
+    """Make a loaded processor resize images exactly as the dataset was prepared for (manifest's
+    ``processor_settings``), so the token counts in the manifest hold at training and evaluation time."""
+    if settings:
+        image_processor = getattr(processor, "image_processor", processor)
+        image_processor.size = dict(settings["size"])
+        image_processor.max_image_size = dict(settings["max_image_size"])
+        image_processor.do_image_splitting = settings["do_image_splitting"]
+    return processor
+
+
 def tokens_for_size(width: int, height: int, settings: dict[str, Any]) -> int | None:
     """Prompt tokens one stored image of this size becomes under ``settings`` (None without a processor)."""
     if not settings or settings.get("image_seq_len") is None:
