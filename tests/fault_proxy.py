@@ -7,7 +7,11 @@ request is forwarded, or fails in one of these ways:
 - ``"reset_after"``: the request is forwarded and done by the server, then the connection is dropped before
   the response (the client cannot know it succeeded: the case that makes blind retries dangerous);
 - ``"503"`` / ``"429"``: an error response with a GCS-style JSON body (the server sees nothing);
-- ``"slow"``: forwarded after ``slow_s`` seconds.
+- ``"slow"``: forwarded after ``slow_s`` seconds;
+- ``"truncate"``: forwarded, then the response is cut half-way through its body and the connection dropped;
+- ``"corrupt"``: on object downloads (``alt=media``), one byte of the body is flipped (the client's checksum
+  check must catch it: google-cloud-storage raises ``DataCorruption`` and does not retry it itself);
+  other requests pass unharmed.
 
 Faults are chosen per request with probabilities (``rates``), deterministically from ``seed`` and the
 request itself (method, path, and how many times that request was seen), so thread scheduling does not change
@@ -34,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
 
-FAULT_KINDS = ("reset", "reset_after", "503", "429", "slow")
+FAULT_KINDS = ("reset", "reset_after", "503", "429", "slow", "truncate", "corrupt")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "content-length"}
 
@@ -254,6 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(502)
         if kind == "reset_after":
             return self._reset()
+        if kind == "corrupt" and "alt=media" in self.path and data:
+            i = len(data) // 2
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
         out_headers = []
         for k, v in resp_headers:
             if k.lower() in _HOP_BY_HOP:
@@ -264,4 +271,13 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = dict((k.lower(), v) for k, v in resp_headers).get("content-type", "")
         if "json" in ctype and "alt=media" not in self.path:
             data = proxy._rewrite(data)
+        if kind == "truncate" and len(data) > 1:
+            self.send_response(status)
+            for k, v in out_headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            return self._reset()
         self._send(status, out_headers, data)

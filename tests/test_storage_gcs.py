@@ -178,13 +178,17 @@ def test_local_output_refuses_marker_written_meanwhile(gcs_bucket):
 
 # ------------------------------------------------------------------------------------------- faults
 
-FLAKY = {"reset": 0.025, "reset_after": 0.025, "503": 0.025, "429": 0.025}  # 10% of requests fail
+# 10% of requests fail transiently, in every way the proxy knows (plus some slow ones).
+FLAKY = {"reset": 0.02, "reset_after": 0.02, "503": 0.02, "429": 0.02, "truncate": 0.02}
 
 
-def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_bucket, tmp_path):
+def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_bucket, tmp_path, caplog):
     proxy = gcs_fault_proxy
     proxy.slow_s = 0.05
     proxy.set_rates(**FLAKY, slow=0.03)
+    for kind in FLAKY:  # every kind at least once, whatever the dice say
+        proxy.inject(kind)
+    proxy.inject("corrupt", 2, path_contains="alt=media")  # checksum mismatch: only our rounds retry it
     files = make_tree(tmp_path / "src", n=20, seed=7)
     assert 200_000 < sum(map(len, files.values())) < 1_000_000
     base = f"gs://{gcs_bucket}/flaky"
@@ -202,6 +206,8 @@ def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_
         got = read_tree(folder)
     assert got.pop("manifest.json") and got == files
 
+    proxy.inject("corrupt", path_contains="alt=media")
+    assert storage.read_bytes(f"{base}/tree/f0.bin") == files["f0.bin"]  # re-read after a checksum mismatch
     for i in range(10):
         storage.write_text(f"{base}/single/{i}.txt", str(i))
         assert storage.read_text(f"{base}/single/{i}.txt") == str(i)
@@ -211,7 +217,8 @@ def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_
     assert storage.list_files(f"{base}/single") == []
 
     assert proxy.total_faults >= 10, proxy.faults  # the faults really happened, and were all absorbed
-    assert set(proxy.faults) >= {"reset", "reset_after", "503", "429"}, proxy.faults
+    assert set(proxy.faults) >= {*FLAKY, "corrupt"}, proxy.faults
+    assert "failed transiently" in caplog.text  # our per-file rounds ran (corrupt downloads)
 
 
 def test_write_if_absent_recognises_its_own_lost_success(gcs_fault_proxy, gcs_bucket):
@@ -223,6 +230,17 @@ def test_write_if_absent_recognises_its_own_lost_success(gcs_fault_proxy, gcs_bu
     gcs_fault_proxy.inject("reset_after", method="POST", path_contains="/upload/")
     assert storage.write_if_absent(uri, b"rival") is False  # a rival's lost success is not ours
     assert storage.read_bytes(uri) == b"mine"
+
+
+def test_stalled_request_times_out_and_is_retried(gcs_fault_proxy, gcs_bucket, monkeypatch):
+    monkeypatch.setenv("VLMTUNE_GCS_TIMEOUT_S", "0.3")
+    gcs_fault_proxy.slow_s = 1.0
+    uri = f"gs://{gcs_bucket}/stall/a.txt"
+    gcs_fault_proxy.inject("slow", method="POST")
+    assert storage.write_if_absent(uri, b"a") is True  # the stalled create landed late: still recognised as ours
+    gcs_fault_proxy.inject("slow", method="GET")
+    assert storage.read_bytes(uri) == b"a"
+    assert gcs_fault_proxy.faults["slow"] == 2
 
 
 def test_write_if_absent_race_through_faulty_proxy(gcs_fault_proxy, gcs_bucket):

@@ -167,13 +167,26 @@ def _translate(exc: Exception, bucket: str, name: str, op: str) -> Exception:
 
 
 def _call(op: str, bucket: str, name: str, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except Exception as e:
-        translated = _translate(e, bucket, name, op)
-        if translated is e:
-            raise
-        raise translated from e
+    """Run one request (the library retries it); re-run checksum failures, which the library does not retry;
+    translate what still fails."""
+    from google.cloud.storage.exceptions import DataCorruption
+
+    for attempt in range(TRANSFER_ROUNDS):
+        try:
+            return fn()
+        except DataCorruption as e:
+            if attempt + 1 < TRANSFER_ROUNDS:
+                log.warning("%s %s: checksum mismatch (%s); retrying", op, _uri(bucket, name), e)
+                _sleep_backoff(attempt)
+                continue
+            raise StorageError(f"{op} {_uri(bucket, name)}: data corrupted in transit {TRANSFER_ROUNDS} times "
+                               f"in a row: {e}") from e
+        except Exception as e:
+            translated = _translate(e, bucket, name, op)
+            if translated is e:
+                raise
+            raise translated from e
+    raise AssertionError("unreachable")
 
 
 # -------------------------------------------------------------------------------------- single objects
