@@ -155,6 +155,50 @@ class BuildOptions:
     extra_args: list[str] = dataclasses.field(default_factory=list)
 
 
+def host_pip_build_options(base: BuildOptions | None = None) -> BuildOptions:
+    """Carry this machine's pip settings into a podman/buildah image build, for builders behind a mirror, a local
+    wheel folder or a TLS-intercepting proxy: local `find-links` folders and `file://` indexes are mounted
+    read-only at the same path and passed as PIP_FIND_LINKS / PIP_INDEX_URL / PIP_EXTRA_INDEX_URL build args,
+    pip's CA bundle becomes PIP_CERT, and RUN steps share the host's network. (pip's `constraint` setting is not
+    carried: the images pin with docker/constraints.txt.)"""
+    base = base or BuildOptions()
+    options = dataclasses.replace(base, build_args=dict(base.build_args), build_volumes=list(base.build_volumes))
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             check=False).stdout
+    settings: dict[str, str] = {}
+    for line in listing.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            # `global.find-links='/opt/wheels'` and `:env:.find-links=...`: the environment wins, as in pip.
+            name = key.rsplit(".", 1)[-1]
+            if key.startswith(":env:") or name not in settings:
+                settings[name] = value.strip().strip("'\"")
+    volumes: list[str] = []
+
+    def carry(value: str) -> str:
+        for item in value.split():
+            path = item[len("file://"):] if item.startswith("file://") else item
+            if "://" in path or not os.path.isabs(path) or not os.path.exists(path):
+                continue
+            # A PEP 503 index folder `X/simple` links to its files as `../../files/...`: mount X.
+            folder = pathlib.Path(path)
+            folder = folder.parent if folder.name == "simple" else folder
+            volumes.append(f"{folder}:{folder}:ro")
+        return value
+
+    for name, arg in (("find-links", "PIP_FIND_LINKS"), ("index-url", "PIP_INDEX_URL"),
+                      ("extra-index-url", "PIP_EXTRA_INDEX_URL")):
+        if settings.get(name):
+            options.build_args.setdefault(arg, carry(settings[name]))
+    cert = settings.get("cert")
+    if cert and os.path.isfile(cert):
+        volumes.append(f"{cert}:/etc/ssl/certs/vlmtune-build-ca.crt:ro")
+        options.build_args.setdefault("PIP_CERT", "/etc/ssl/certs/vlmtune-build-ca.crt")
+    options.build_volumes = [*options.build_volumes, *dict.fromkeys(volumes)]
+    options.network = options.network or "host"
+    return options
+
+
 def build_command(kind: str, ref: str, engine: str, options: BuildOptions, context: pathlib.Path = REPO_ROOT) -> list[str]:
     cmd = [engine, "build", "-f", str(context / DOCKERFILES[kind]), "-t", ref]
     if options.base_image:
@@ -407,6 +451,8 @@ def _cmd_images(args: argparse.Namespace) -> int:
             isolation=args.isolation,
             network=args.network,
         )
+        if args.host_pip_config:
+            options = host_pip_build_options(options)
         refs = build_images(kinds, args.registry_prefix, args.tag, args.engine, options, dry_run=args.dry_run)
     else:
         refs = push_images(kinds, args.registry_prefix, args.tag, args.engine, dry_run=args.dry_run)
@@ -414,13 +460,35 @@ def _cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_step_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--docker", action="store_true", help="run inside the step's container image")
+    parser.add_argument("--engine", choices=["docker", "podman"], help="container CLI (default: detect)")
+    parser.add_argument("--image", help="image to use (default: image_for(step) with prefix and tag from "
+                                        f"${ENV_REGISTRY_PREFIX} / ${ENV_TAG})")
+    parser.add_argument("--gpus", help="GPUs for the container: all, a count, or ids like 0,1")
+    parser.add_argument("--mount", action="append", metavar="SRC[:DST[:MODE]]",
+                        help="extra volume, beyond the local paths found in ARGS (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the container command without running it")
+
+
+def _split_step_args(args: argparse.Namespace) -> list[str]:
+    """argparse gives everything after NAME to `step_args` (REMAINDER). Our own options may sit there before `--`:
+    parse them out; the rest, and everything after `--`, belongs to the step."""
+    rest = list(args.step_args)
+    cut = rest.index("--") if "--" in rest else len(rest)
+    own = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_step_options(own)
+    parsed, unknown = own.parse_known_args(rest[:cut])
+    for key, value in vars(parsed).items():
+        setattr(args, key, (getattr(args, key) or []) + value if key == "mount" else value)
+    return unknown + rest[cut + 1:]
+
+
 def _cmd_step(args: argparse.Namespace) -> int:
-    step_args = list(args.step_args)
-    if step_args[:1] == ["--"]:
-        step_args = step_args[1:]
+    step_args = _split_step_args(args)
     if args.docker:
         return run_step_in_container(args.name, step_args, image=args.image, engine=args.engine, gpus=args.gpus,
-                                     mounts=args.mount, dry_run=args.dry_run)
+                                     mounts=args.mount or [], dry_run=args.dry_run)
     from pipelines.cli import main  # in-process: exactly `vlmtune <step> <args>`
 
     return main([step_command(args.name), *step_args]) or 0
@@ -450,21 +518,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                            help="podman only: mount a host folder into build steps (e.g. a wheel directory)")
             p.add_argument("--isolation", default=None, help="podman/buildah isolation, e.g. chroot")
             p.add_argument("--network", default=None, help="network for RUN steps, e.g. host")
+            p.add_argument("--host-pip-config", action="store_true",
+                           help="podman only: carry this machine's pip index/find-links/CA settings into the build")
         p.set_defaults(func=_cmd_images)
 
     step = subparsers.add_parser(
         "step", help="run one pipeline step, in-process or in its container",
+        usage="vlmtune step NAME [--docker] [--engine docker|podman] [--image IMG] [--gpus G] [--mount M] -- ARGS...",
         description="Run `vlmtune NAME ARGS...`; with --docker inside the step's image, local paths in ARGS mounted.",
     )
+    _add_step_options(step)
     step.add_argument("name", choices=sorted({*STEP_IMAGE_KIND, *map(step_command, STEP_IMAGE_KIND)}),
                       help="step name")
-    step.add_argument("--docker", action="store_true", help="run inside the step's container image")
-    step.add_argument("--engine", choices=["docker", "podman"], default=None, help="container CLI (default: detect)")
-    step.add_argument("--image", default=None, help="image to use (default: image_for(step) with prefix and tag "
-                                                     f"from ${ENV_REGISTRY_PREFIX} / ${ENV_TAG})")
-    step.add_argument("--gpus", default=None, help="GPUs for the container: all, a count, or ids like 0,1")
-    step.add_argument("--mount", action="append", default=[], metavar="SRC[:DST[:MODE]]",
-                      help="extra volume, beyond the local paths found in ARGS")
-    step.add_argument("--dry-run", action="store_true", help="print the container command without running it")
     step.add_argument("step_args", nargs=argparse.REMAINDER, help="arguments of the step, after --")
     step.set_defaults(func=_cmd_step)
