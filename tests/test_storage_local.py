@@ -32,6 +32,7 @@ def test_uri_helpers(tmp_path):
     assert storage.join("gs://b/x/", "y", "/z/") == "gs://b/x/y/z"
     assert storage.join("gs://b", "", "m.json") == "gs://b/m.json"
     assert storage.join(f"file://{tmp_path}", "a", "b") == str(tmp_path / "a" / "b")
+    assert storage.join(str(tmp_path), "/etc") == str(tmp_path / "etc")  # parts never escape the folder
     with pytest.raises(StorageError, match="not a local path"):
         storage.to_local_path("gs://b/x")
 
@@ -42,6 +43,7 @@ def test_uri_helpers(tmp_path):
     ("gs://My_Bucket/x", "not a valid bucket name"),
     ("gs://ab/x", "not a valid bucket name"),
     ("gs://bucket/a//b", "empty"),
+    ("gs://bucket//a", "empty"),
     ("gs://bucket/a/../b", "'..'"),
     ("s3://bucket/x", "unsupported URI scheme"),
     ("gcs://bucket/x", "Did you mean gs://"),

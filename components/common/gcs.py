@@ -83,15 +83,30 @@ def _client_for(emulator_host: str | None, project: str | None):
 
     if emulator_host:
         from google.auth.credentials import AnonymousCredentials
-        return storage.Client(project=project or "test", credentials=AnonymousCredentials())
+        return _size_pool(storage.Client(project=project or "test", credentials=AnonymousCredentials()))
     try:
-        return storage.Client(project=project) if project else storage.Client()
+        return _size_pool(storage.Client(project=project) if project else storage.Client())
     except Exception as e:  # google.auth.exceptions.DefaultCredentialsError and friends
         raise StorageError(
             f"cannot create a Google Cloud Storage client: {e}. On a workstation run "
             f"`gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS); on Vertex AI / "
             f"Kubeflow give the step's service account access to the bucket. For tests set STORAGE_EMULATOR_HOST."
         ) from e
+
+
+def _size_pool(c):
+    """One HTTP connection per parallel transfer: requests' default pool (10) would throw connections away."""
+    try:
+        from requests.adapters import HTTPAdapter
+
+        size = max(10, max_workers() + 2)
+        session = c._http
+        for scheme in ("https://", "http://"):
+            if type(session.adapters.get(scheme)) is HTTPAdapter:  # leave special adapters (mTLS) alone
+                session.mount(scheme, HTTPAdapter(pool_connections=size, pool_maxsize=size))
+    except Exception:  # private attribute: best effort only
+        log.debug("could not resize the storage client's connection pool", exc_info=True)
+    return c
 
 
 def client():

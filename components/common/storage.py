@@ -101,7 +101,8 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
     if is_remote(uri):
         segments = [p.strip("/") for p in parts if p and p.strip("/")]
         return "/".join([uri.rstrip("/"), *segments])
-    return str(to_local_path(uri).joinpath(*parts))
+    # Parts are relative on every backend: a leading "/" must not escape the folder (Path semantics would).
+    return str(to_local_path(uri).joinpath(*[p.lstrip("/") for p in parts if p]))
 
 
 def _split_gcs(uri: str) -> tuple[str, str]:
@@ -117,7 +118,8 @@ def _split_gcs(uri: str) -> tuple[str, str]:
             f"{uri!r}: {bucket!r} is not a valid bucket name (3-63 characters of lowercase letters, digits, '-', '_' "
             f"and '.', starting and ending with a letter or digit). Fix the URI."
         )
-    if "//" in name or any(seg in (".", "..") for seg in name.split("/")) or "\n" in name or "\r" in name:
+    segments = name.split("/")
+    if "" in segments[:-1] or any(seg in (".", "..") for seg in segments) or "\n" in name or "\r" in name:
         raise StorageError(
             f"{uri!r}: object path has an empty, '.' or '..' segment or a line break; GCS would store it literally. "
             f"Fix the URI."
