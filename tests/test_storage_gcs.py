@@ -281,6 +281,47 @@ def test_storage_dying_mid_write_marks_nothing_complete(gcs_fault_proxy, gcs_buc
         artifacts.read_manifest(uri)
 
 
+WRITER = """
+import sys
+from pathlib import Path
+from components.common import artifacts, storage
+with storage.local_output(sys.argv[1]) as folder:
+    for i in range(40):
+        (folder / f"shard-{i:03d}.bin").write_bytes(bytes([i]) * 20_000)
+    artifacts.write_manifest(str(folder), {"kind": "dataset"})
+"""
+
+
+def test_writer_killed_mid_upload_marks_nothing_complete(gcs_fault_proxy, gcs_bucket, tmp_path):
+    """The step's process dies (SIGKILL, e.g. pre-emption) while uploading: no manifest, folder not trusted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    uri = f"gs://{gcs_bucket}/artifacts/preempted"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, uri], cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "VLMTUNE_GCS_MAX_WORKERS": "2", "TMPDIR": str(tmp_path)})
+    uploads = []
+
+    def on_request(seq: int) -> None:
+        uploads.append(seq)
+        if len(uploads) == 12:  # a few requests into the upload of 40 files
+            proc.send_signal(signal.SIGKILL)
+
+    gcs_fault_proxy.on_request = on_request
+    gcs_fault_proxy.slow_s = 0.02
+    gcs_fault_proxy.set_rates(slow=1.0)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    gcs_fault_proxy.on_request = None
+    gcs_fault_proxy.heal()
+    written = storage.list_files(uri)
+    assert 0 < len(written) < 41 and f"{uri}/manifest.json" not in written
+    assert not artifacts.is_complete(uri)
+    with pytest.raises(IncompleteArtifactError):
+        artifacts.read_manifest(uri)
+
+
 def test_emulator_killed_mid_write_marks_nothing_complete(tmp_path, monkeypatch):
     from tests.fault_proxy import FaultProxy
     from tests.fixtures_gcs import FAST_RETRY_ENV, start_fake_gcs
