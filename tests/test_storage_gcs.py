@@ -70,7 +70,7 @@ def test_missing_bucket_is_a_clear_error(gcs_bucket, tmp_path):
     for call in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"x"),
                  lambda: storage.list_files("gs://no-such-bucket-xyz/data"), lambda: storage.exists(uri),
                  lambda: storage.write_if_absent(uri, b"x"), lambda: artifacts.is_complete("gs://no-such-bucket-xyz/a")):
-        with pytest.raises(StorageError) as e:
+        with pytest.raises(storage.BucketNotFoundError) as e:
             call()
         assert "no-such-bucket-xyz" in str(e.value) and "does not exist" in str(e.value)
         assert "buckets create" in str(e.value)

@@ -9,7 +9,9 @@ Use it through ``storage``; these functions take ``(bucket, name)`` pairs alread
 - Retries: every call passes :func:`retry_policy` (the library's ``DEFAULT_RETRY`` predicate: 408/429/5xx,
   connection resets, timeouts; exponential backoff with jitter, bounded by a deadline). Create-only uploads
   are retried too: they carry ``if_generation_match=0``, so a retry cannot overwrite, and a 412 after a lost
-  response is resolved by a per-write token in the object's metadata.
+  response is resolved by a per-write token in the object's metadata. Plain overwrites (``write_bytes``,
+  tree uploads) are retried unconditionally, as the library does for uploads by default: re-sending the same
+  bytes is idempotent for a single writer; concurrent writers of one name should use ``write_if_absent``.
 - Trees: :func:`upload_dir` / :func:`download_dir` use ``transfer_manager`` with thread workers. The transfer
   manager hands back one result per file and never retries a failed file as a whole; we check every
   result, re-run transient failures in rounds with backoff, and raise :class:`StorageError` naming the
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from components.common.storage import StorageError
+from components.common.storage import BucketNotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ def _translate(exc: Exception, bucket: str, name: str, op: str) -> Exception:
         return exc
     if isinstance(exc, NotFound):
         if _bucket_missing(bucket, exc):
-            return StorageError(_bucket_missing_msg(bucket, uri))
+            return BucketNotFoundError(_bucket_missing_msg(bucket, uri))
         return FileNotFoundError(f"{uri} does not exist")
     if isinstance(exc, (Forbidden, Unauthorized)):
         return StorageError(
@@ -277,7 +279,7 @@ def object_exists(bucket: str, name: str) -> bool:
         except NotFound:
             pass
         if _bucket_missing(bucket, Exception()):
-            raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, name)))
+            raise BucketNotFoundError(_bucket_missing_msg(bucket, _uri(bucket, name)))
         return False
 
     return _call("check", bucket, name, check)
@@ -301,7 +303,7 @@ def list_names(bucket: str, prefix: str, *, max_results: int | None = None) -> l
                                         retry=retry_policy(), timeout=request_timeout())
             return [b.name for b in blobs if not b.name.endswith("/")]
         except NotFound as e:  # listing an existing bucket never 404s
-            raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, prefix))) from e
+            raise BucketNotFoundError(_bucket_missing_msg(bucket, _uri(bucket, prefix))) from e
 
     return _call("list", bucket, prefix, do)
 
@@ -315,7 +317,7 @@ def delete_object(bucket: str, name: str) -> None:
             _blob(bucket, name).delete(retry=retry_policy(), timeout=request_timeout())
         except NotFound:
             if _bucket_missing(bucket, Exception()):
-                raise StorageError(_bucket_missing_msg(bucket, _uri(bucket, name)))
+                raise BucketNotFoundError(_bucket_missing_msg(bucket, _uri(bucket, name)))
 
     _call("delete", bucket, name, do)
 
@@ -362,7 +364,7 @@ def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callab
         if permanent:
             item, exc = next(iter(permanent.items()))
             translated = _translate(exc, bucket, f"{prefix.rstrip('/')}/{item}" if prefix else item, op)
-            if isinstance(translated, StorageError) and "bucket" in str(translated) and "does not exist" in str(translated):
+            if isinstance(translated, BucketNotFoundError):
                 raise translated from exc
             raise StorageError(
                 f"{op} {_uri(bucket, prefix)}: {len(permanent)} of {len(items)} files failed, e.g. {item!r}: "
@@ -377,7 +379,8 @@ def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callab
     item, exc = next(iter(failures.items()))
     raise StorageError(
         f"{op} {_uri(bucket, prefix)}: {len(failures)} of {len(items)} files still failed after "
-        f"retrying (VLMTUNE_GCS_RETRY_DEADLINE_S={retry_deadline_s():.0f}s), e.g. {item!r}: {exc}. The storage service or network is unavailable; re-run the step."
+        f"retrying (VLMTUNE_GCS_RETRY_DEADLINE_S={retry_deadline_s():.0f}s), e.g. {item!r}: {exc}. "
+        f"The storage service or network is unavailable; re-run the step."
     ) from exc
 
 

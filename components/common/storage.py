@@ -17,7 +17,8 @@ Interface (kept stable; backends may grow):
   nothing is marked complete if the body raises.
 
 Errors: a bad URI, a missing bucket, missing permissions or credentials, and transfers that still fail after
-retrying raise :class:`StorageError` with a message naming the URI and the fix. A missing file/object raises
+retrying raise :class:`StorageError` with a message naming the URI and the fix (a missing bucket:
+:class:`BucketNotFoundError`, a subclass). A missing file/object raises
 ``FileNotFoundError`` (``artifacts.read_manifest`` turns that into ``IncompleteArtifactError``).
 
 Retries (gs://): every request is retried with exponential backoff on 408/429/5xx and connection errors
@@ -54,6 +55,10 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{1,220}[a-z0-9]$")
 
 class StorageError(RuntimeError):
     """A storage operation failed in a way the caller should report to the user."""
+
+
+class BucketNotFoundError(StorageError):
+    """The gs:// bucket a URI names does not exist (or the account cannot see it)."""
 
 
 # ----------------------------------------------------------------------------------------------- URIs
