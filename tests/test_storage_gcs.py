@@ -130,6 +130,32 @@ def test_large_file_resumable_upload_round_trip(gcs_bucket, tmp_path):
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
+@pytest.mark.parametrize("faulty", [False, True])
+def test_sliced_download_of_large_objects(gcs_emulator, gcs_bucket, tmp_path, monkeypatch, faulty, request):
+    monkeypatch.setenv("VLMTUNE_GCS_SLICED_MIN_BYTES", str(1024 * 1024))
+    monkeypatch.setenv("VLMTUNE_GCS_SLICE_BYTES", str(256 * 1024))
+    rng = random.Random(3)
+    files = {"model.safetensors": rng.randbytes(3 * 1024 * 1024 + 17), "sub/shard-2.bin": rng.randbytes(1024 * 1024),
+             "config.json": b"{}"}
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    storage.upload_dir(tmp_path / "src", f"gs://{gcs_bucket}/m")
+    if faulty:
+        proxy = request.getfixturevalue("gcs_fault_proxy")
+        proxy.set_rates(**FLAKY)
+        proxy.inject("corrupt", path_contains="alt=media")  # one bad slice: whole-object crc32c catches it
+    from google.cloud.storage import transfer_manager
+    sliced = []
+    real = transfer_manager.download_chunks_concurrently
+    monkeypatch.setattr(transfer_manager, "download_chunks_concurrently",
+                        lambda blob, *a, **k: (sliced.append(blob.name), real(blob, *a, **k))[1])
+    assert read_tree(storage.download_dir(f"gs://{gcs_bucket}/m", tmp_path / "dst")) == files
+    assert {"m/model.safetensors", "m/sub/shard-2.bin"} == set(sliced)
+    if faulty:
+        assert proxy.faults["corrupt"] == 1 and len(sliced) == 3  # the corrupted object was fetched again
+
+
 def test_local_output_publishes_manifest_last(gcs_bucket):
     uri = f"gs://{gcs_bucket}/artifacts/ds1"
     with storage.local_output(uri) as folder:

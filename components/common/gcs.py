@@ -409,17 +409,72 @@ def upload_dir(local_dir: Path, bucket: str, prefix: str, *, exclude: tuple[str,
     _run_rounds("upload", bucket, prefix, files, run)
 
 
+def sliced_min_bytes() -> int:
+    return int(_env_float("VLMTUNE_GCS_SLICED_MIN_BYTES", 256 * 1024 * 1024))
+
+
+def slice_bytes() -> int:
+    return max(256 * 1024, int(_env_float("VLMTUNE_GCS_SLICE_BYTES", 32 * 1024 * 1024)))
+
+
+def _list_blobs(bucket: str, prefix: str) -> list:
+    from google.api_core.exceptions import NotFound
+
+    def do() -> list:
+        try:
+            blobs = client().list_blobs(bucket, prefix=prefix or None, retry=retry_policy(), timeout=request_timeout())
+            return [b for b in blobs if not b.name.endswith("/")]
+        except NotFound as e:
+            raise BucketNotFoundError(_bucket_missing_msg(bucket, _uri(bucket, prefix))) from e
+
+    return _call("list", bucket, prefix, do)
+
+
 def download_dir(bucket: str, prefix: str, local_dir: Path) -> None:
-    """Download every object under ``gs://bucket/prefix/`` into ``local_dir`` in parallel."""
+    """Download every object under ``gs://bucket/prefix/`` into ``local_dir`` in parallel.
+
+    Objects of at least ``VLMTUNE_GCS_SLICED_MIN_BYTES`` (256 MiB) are fetched one at a time in parallel
+    byte ranges of ``VLMTUNE_GCS_SLICE_BYTES`` (32 MiB) (``download_chunks_concurrently``: model weights),
+    pinned to the generation listed and checked against the object's crc32c; the rest many at a time.
+    """
     from google.cloud.storage import transfer_manager
 
     blob_prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    names = list_names(bucket, blob_prefix)
-    if not names:
+    blobs = _list_blobs(bucket, blob_prefix)
+    if not blobs:
         raise FileNotFoundError(f"{_uri(bucket, prefix)} is not a folder (no objects under it)")
-    rel_names = [n[len(blob_prefix):] for n in names]
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
+    threshold = sliced_min_bytes()
+    large = {b.name[len(blob_prefix):]: b for b in blobs if (b.size or 0) >= threshold and b.crc32c}
+    rel_names = [b.name[len(blob_prefix):] for b in blobs if b.name[len(blob_prefix):] not in large]
+    root = local_dir.resolve()
+
+    def run_large(batch: list[str]) -> list:
+        results: list = []
+        for rel in batch:
+            target = (local_dir / rel).resolve()
+            if not target.is_relative_to(root):
+                results.append(UserWarning(f"{rel!r} would land outside {str(local_dir)!r}"))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob = large[rel]
+            try:
+                transfer_manager.download_chunks_concurrently(
+                    blob, str(target), chunk_size=slice_bytes(),
+                    download_kwargs={"retry": retry_policy(), "timeout": request_timeout(),
+                                     "if_generation_match": blob.generation},
+                    worker_type=transfer_manager.THREAD, max_workers=max_workers(),
+                )
+                results.append(None)
+            except Exception as e:
+                results.append(e)
+        return results
+
+    for rel in sorted(large):
+        _run_rounds("download", bucket, prefix, [rel], run_large)
+    if not rel_names:
+        return
     b = client().bucket(bucket)
 
     def run(batch: list[str]) -> list:
