@@ -15,7 +15,10 @@ Use it through ``storage``; these functions take ``(bucket, name)`` pairs alread
 - Trees: :func:`upload_dir` / :func:`download_dir` use ``transfer_manager`` with thread workers. The transfer
   manager hands back one result per file and never retries a failed file as a whole; we check every
   result, re-run transient failures in rounds with backoff, and raise :class:`StorageError` naming the
-  files that still failed. A file is never dropped silently (path-escaping names included).
+  files that still failed. A file is never dropped silently (path-escaping names included). Big objects
+  download as generation-pinned parallel byte ranges (``download_chunks_concurrently``), crc32c-checked.
+- Checksums: downloads are md5/crc32c-checked by the library; a mismatch (``DataCorruption``) is not retried
+  by the library, so we re-run it (single objects in :func:`_call`, trees in :func:`_run_rounds`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,10 @@ retrying raise :class:`StorageError` with a message naming the URI and the fix (
 Retries (gs://): every request is retried with exponential backoff on 408/429/5xx and connection errors
 (google-cloud-storage's ``DEFAULT_RETRY`` predicate). Tunable by environment, read at call time:
 ``VLMTUNE_GCS_RETRY_INITIAL_S`` (1.0), ``VLMTUNE_GCS_RETRY_MAX_S`` (32), ``VLMTUNE_GCS_RETRY_DEADLINE_S``
-(300), ``VLMTUNE_GCS_TIMEOUT_S`` (60, per request), ``VLMTUNE_GCS_MAX_WORKERS`` (8 parallel transfers).
+(300), ``VLMTUNE_GCS_TIMEOUT_S`` (60, per request), ``VLMTUNE_GCS_MAX_WORKERS`` (8 parallel transfers),
+``VLMTUNE_GCS_SLICED_MIN_BYTES`` (256 MiB: objects this big download as parallel byte ranges) and
+``VLMTUNE_GCS_SLICE_BYTES`` (32 MiB). Uploads of big files are one resumable stream each (parallel across
+files): the XML multipart API that ``upload_chunks_concurrently`` needs is missing from fake-gcs-server.
 
 Why local_output stages locally too: a crashed writer must leave nothing a reader would take, on every
 backend. The body writes into a hidden sibling folder (``.NAME.partial-*``, same filesystem); on success its
