@@ -302,3 +302,30 @@ def test_processes_racing_on_a_local_folder_get_distinct_versions(tmp_path):
     root = str(tmp_path / "registry")
     versions = _race_processes(root, [f"{i + 200:064x}" for i in range(3)])
     assert sorted(versions) == [1, 2, 3]
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+def test_cli_register_list_show_promote(tmp_path, capsys):
+    from components.register import cli
+
+    registry = str(tmp_path / "registry")
+    m1 = make_model(tmp_path / "m1", b"one")
+    assert cli.main(["--model", m1, "--evaluation", make_eval(tmp_path / "e1", True), "--registry", registry,
+                     "--name", "vlm"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    assert cli.main(["--model", make_model(tmp_path / "m2", b"two"), "--evaluation",
+                     make_eval(tmp_path / "e2", True), "--registry", registry, "--name", "vlm", "--no-champion"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "vlm", "version": 2, "model_uri": str(tmp_path / "m2"),
+                                                   "champion": False, "already_registered": False}
+    assert cli.main(["--model", make_model(tmp_path / "m3", b"three"), "--evaluation",
+                     make_eval(tmp_path / "e3", False), "--registry", registry, "--name", "vlm"]) == 2
+    assert "did not pass the gate" in capsys.readouterr().err
+
+    assert cli.registry_main(["list", "--registry", registry, "--name", "vlm"]) == 0
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)] == [1, 2]
+    assert cli.registry_main(["show", "--registry", registry, "--name", "vlm"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_uri"] == m1
+    assert cli.registry_main(["promote", "--registry", registry, "--name", "vlm", "--version", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["aliases"] == ["champion"]
+    assert cli.registry_main(["show", "--registry", registry, "--name", "vlm", "--ref", "9"]) == 1
+    assert "no version '9'" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Command lines for the register step and for looking into a registry.
+
+    vlmtune register --model gs://b/runs/7/dpo --evaluation gs://b/runs/7/eval --registry gs://b/registry \\
+        --name chart-vlm [--dataset gs://b/runs/7/data] [--no-champion]
+    vlmtune registry list    --registry gs://b/registry --name chart-vlm
+    vlmtune registry show    --registry gs://b/registry --name chart-vlm --ref champion
+    vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion]
+
+``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one; both print JSON to stdout and
+return 0 on success, 1 on a problem (reported in one line on stderr), 2 when the evaluation gate refused the model.
+Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
+``registry_main``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from components.common.artifacts import IncompleteArtifactError
+from components.register import core
+from components.register.registry import CHAMPION, RegistryError, open_registry
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune register", description="Register an evaluated model version.")
+    p.add_argument("--model", required=True, help="model artifact folder (local or gs://) with a vlmtune.model manifest")
+    p.add_argument("--evaluation", required=True, help="evaluation artifact folder; its gate must have passed")
+    p.add_argument("--registry", required=True,
+                   help="folder, gs:// prefix, vertex://projects/P/locations/L or kubeflow://HOST:PORT")
+    p.add_argument("--name", required=True, help="registered model name, e.g. chart-vlm")
+    p.add_argument("--dataset", default=None, help="dataset artifact the model was trained on (for lineage)")
+    p.add_argument("--no-champion", dest="make_champion", action="store_false",
+                   help="register without moving the champion alias")
+    return p
+
+
+def make_registry_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune registry", description="Look into a model registry.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command, help_text in (("list", "all versions of a model"), ("show", "one version"),
+                               ("promote", "point an alias (default: champion) at a version")):
+        s = sub.add_parser(command, help=help_text)
+        s.add_argument("--registry", required=True, help="registry URI (see `vlmtune register --help`)")
+        s.add_argument("--name", required=True, help="registered model name")
+        if command == "show":
+            s.add_argument("--ref", default=CHAMPION, help="version number, latest, champion or another alias")
+        if command == "promote":
+            s.add_argument("--version", type=int, required=True, help="version number to promote")
+            s.add_argument("--alias", default=CHAMPION, help="alias to move (default: champion)")
+    return p
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        result = core.run(args.model, args.evaluation, args.registry, args.name,
+                          dataset_uri=args.dataset, make_champion=args.make_champion)
+    except core.EvaluationFailedError as e:
+        print(f"vlmtune register: {e}", file=sys.stderr)
+        return 2
+    except (RegistryError, IncompleteArtifactError, FileNotFoundError) as e:
+        print(f"vlmtune register: {e}", file=sys.stderr)
+        return 1
+    _print(result)
+    return 0
+
+
+def registry_main(argv: list[str] | None = None) -> int:
+    args = make_registry_parser().parse_args(argv)
+    try:
+        reg = open_registry(args.registry)
+        if args.command == "list":
+            _print([v.to_dict() for v in reg.list_versions(args.name)])
+        elif args.command == "show":
+            version = reg.get(args.name, args.ref)
+            if version is None:
+                raise RegistryError(f"{args.registry} has no version {args.ref!r} of {args.name!r}")
+            _print(version.to_dict())
+        else:
+            reg.set_alias(args.name, args.alias, args.version)
+            _print(reg.get(args.name, args.version).to_dict())
+    except RegistryError as e:
+        print(f"vlmtune registry: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    sys.exit(registry_main(argv) if argv[:1] and argv[0] in ("list", "show", "promote") else main(argv))
