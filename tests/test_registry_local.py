@@ -329,3 +329,48 @@ def test_cli_register_list_show_promote(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["aliases"] == ["champion"]
     assert cli.registry_main(["show", "--registry", registry, "--name", "vlm", "--ref", "9"]) == 1
     assert "no version '9'" in capsys.readouterr().err
+
+
+def test_run_refuses_a_model_other_than_the_evaluated_candidate(tmp_path):
+    registry = str(tmp_path / "registry")
+    judged = make_model(tmp_path / "judged", b"judged")
+    other = make_model(tmp_path / "other", b"other")
+    copy = make_model(tmp_path / "copy", b"judged")
+    evaluation = make_eval(tmp_path / "e", True)
+    manifest = artifacts.read_manifest(evaluation)
+    artifacts.write_manifest(evaluation, {**manifest, "candidate_uri": judged})
+    with pytest.raises(RegistryError, match="judged the model at"):
+        core.run(other, evaluation, registry, "vlm")
+    assert core.run(copy, evaluation, registry, "vlm")["version"] == 1  # same content elsewhere is fine
+    assert core.run(judged, evaluation, registry, "vlm")["already_registered"]
+
+
+def test_threads_racing_on_a_local_folder_get_distinct_versions(tmp_path):
+    reg = open_registry(str(tmp_path / "registry"))
+    versions = _race_threads(reg, [f"{i + 300:064x}" for i in range(6)])
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+    versions = _race_threads(reg, ["ef" * 32] * 4)
+    assert len(set(versions)) == 1 and len(reg.list_versions("vlm")) == 7
+
+
+def test_an_index_pointing_at_a_deleted_version_is_replaced(tmp_path):
+    reg = open_registry(str(tmp_path / "registry"))
+    register(reg, "vlm", 1)
+    storage.delete(str(tmp_path / "registry" / "vlm" / "versions" / "000001" / "version.json"))
+    again = register(reg, "vlm", 1)
+    assert again.version == 2
+    assert reg.find_by_hash("vlm", f"{1:064x}").version == 2
+
+
+@pytest.mark.gcs
+def test_kfp_on_vertex_gcs_fuse_paths_are_registered_as_gs_uris(gcs_bucket, tmp_path):
+    # KFP on Vertex gives components /gcs/BUCKET/... for gs://BUCKET/...; the record must hold the gs:// URI.
+    model_local = make_model(tmp_path / "m", b"w")
+    storage.upload_dir(model_local, f"gs://{gcs_bucket}/runs/1/model")
+    evaluation_local = make_eval(tmp_path / "e", True)
+    storage.upload_dir(evaluation_local, f"gs://{gcs_bucket}/runs/1/eval")
+    result = core.run(f"/gcs/{gcs_bucket}/runs/1/model", f"/gcs/{gcs_bucket}/runs/1/eval",
+                      f"gs://{gcs_bucket}/registry", "vlm")
+    assert result["model_uri"] == f"gs://{gcs_bucket}/runs/1/model"
+    version = open_registry(f"gs://{gcs_bucket}/registry").get("vlm", "champion")
+    assert version.lineage["evaluation_uri"] == f"gs://{gcs_bucket}/runs/1/eval"

@@ -38,7 +38,15 @@ def model_content_hash(model_uri: str, manifest: dict[str, Any]) -> str:
 
 
 def _absolute(uri: str) -> str:
-    # A registry outlives the working directory of the run that wrote it: store absolute local paths.
+    """The portable spelling of an artifact URI, for records that outlive the run.
+
+    KFP on Vertex hands components ``/gcs/BUCKET/path`` (a Cloud Storage FUSE mount) for ``gs://BUCKET/path``:
+    the registry stores the ``gs://`` form, which Vertex serving and every other machine can read. Other local
+    paths become absolute, since a registry outlives the working directory of the run that wrote it.
+    """
+    uri = str(uri)
+    if uri.startswith("/gcs/"):
+        return "gs://" + uri[len("/gcs/"):].rstrip("/")
     return uri if storage.is_remote(uri) else str(storage.to_local_path(uri).resolve())
 
 
@@ -94,6 +102,7 @@ def run(
         dataset_uri = _absolute(dataset_uri)
         dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
     content_hash = model_content_hash(model_uri, model_manifest)
+    _check_evaluated_candidate(evaluation, evaluation_uri, model_uri, content_hash)
     lineage = build_lineage(model_uri, model_manifest, evaluation_uri, dataset_uri, dataset_manifest)
     metrics = dict(evaluation.get("metrics") or {})
 
@@ -120,6 +129,26 @@ def run(
     # If another run registered the same artifact between the check above and register(), register() returns
     # that run's version; it is reported as newly registered (both runs asked for the same outcome).
     return _result(version, already_registered=False)
+
+
+def _location(uri: str) -> str:
+    return _absolute(str(uri).rstrip("/")).rstrip("/")
+
+
+def _check_evaluated_candidate(evaluation: dict, evaluation_uri: str, model_uri: str, content_hash: str) -> None:
+    """Refuse to register a model other than the one the evaluation judged (a miswired pipeline or CLI call)."""
+    candidate_uri = evaluation.get("candidate_uri")
+    if not candidate_uri or _location(candidate_uri) == _location(model_uri):
+        return
+    try:  # a copy of the same artifact elsewhere is still the evaluated model
+        candidate_hash = model_content_hash(candidate_uri, artifacts.read_manifest(candidate_uri, kind=MODEL_KIND))
+    except (FileNotFoundError, artifacts.IncompleteArtifactError, RegistryError):
+        candidate_hash = None
+    if candidate_hash != content_hash:
+        raise RegistryError(
+            f"evaluation {evaluation_uri!r} judged the model at {candidate_uri!r}, not {model_uri!r} (and their "
+            f"contents differ): pass the evaluation of this model, or the model that evaluation judged."
+        )
 
 
 def _find_existing(reg, name: str, content_hash: str) -> ModelVersion | None:

@@ -199,14 +199,17 @@ class LocalRegistry:
         record_dict.pop("aliases")  # aliases live in aliases/, so moving one never rewrites a record
         storage.write_bytes(storage.join(folder, VERSION_FILE), _dumps(record_dict))
 
-        if not storage.write_if_absent(self._hash_uri(name, content_hash), _dumps({"version": number})):
-            # Lost a race with a registration of the same artifact: retract ours (the number stays a gap).
-            storage.delete(storage.join(folder, VERSION_FILE))
-            storage.delete(card_uri)
-            winner = self.find_by_hash(name, content_hash)
-            if winner is None:
-                raise RegistryError(f"{name!r}: the version index for {content_hash} exists but its version does not")
-            return winner
+        hash_uri = self._hash_uri(name, content_hash)
+        if not storage.write_if_absent(hash_uri, _dumps({"version": number})):
+            winner_number = int(json.loads(storage.read_text(hash_uri))["version"])
+            winner = self._read_version(name, winner_number)
+            if winner is not None:
+                # Lost a race with a registration of the same artifact: retract ours (the number stays a gap).
+                storage.delete(storage.join(folder, VERSION_FILE))
+                storage.delete(card_uri)
+                return winner
+            # The index names a version whose record was deleted by hand: ours replaces it.
+            storage.write_bytes(hash_uri, _dumps({"version": number}))
 
         if make_champion:
             self.set_alias(name, CHAMPION, number)
