@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform")
 
-from google.api_core.exceptions import NotFound  # noqa: E402
+from google.api_core.exceptions import AlreadyExists, NotFound  # noqa: E402
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient  # noqa: E402
 from google.cloud.aiplatform_v1.types import model as gca_model  # noqa: E402
@@ -68,7 +68,9 @@ class FakeModelService:
             base = request.parent_model
             versions = self.models[base]
         else:
-            base = f"{request.parent}/models/{1000 + len(self.models)}"
+            base = f"{request.parent}/models/{request.model_id or 1000 + len(self.models)}"
+            if base in self.models:
+                raise AlreadyExists(f"model {base} already exists")
             versions = self.models.setdefault(base, [])
         new = gca_model.Model(request.model)
         new.name = base
@@ -138,7 +140,8 @@ def test_first_registration_uploads_a_new_model_with_labels_and_champion_alias(r
     v1 = register(registry, 1)
     (upload,) = vertex.sent("upload_model")
     assert upload.parent == PARENT
-    assert upload.parent_model == ""  # a new model resource
+    assert upload.parent_model == ""  # a new model resource, whose ID Vertex keeps unique
+    assert upload.model_id == "chart-vlm"
     assert upload.model.display_name == "Chart-VLM"
     assert upload.model.artifact_uri == "gs://acme-ml/runs/1/dpo"
     assert sorted(upload.model.version_aliases) == ["champion", "default"]
@@ -164,7 +167,7 @@ def test_next_registration_is_a_version_of_the_same_model_and_takes_the_alias(re
     register(registry, 1)
     v2 = register(registry, 2)
     second = vertex.sent("upload_model")[1]
-    assert second.parent_model == f"{PARENT}/models/1000"
+    assert second.parent_model == f"{PARENT}/models/chart-vlm"
     assert sorted(second.model.version_aliases) == ["champion", "default"]
     assert second.model.artifact_uri == "gs://acme-ml/runs/2/dpo"
     assert v2.version == 2
@@ -182,7 +185,7 @@ def test_non_champion_registration_keeps_default_and_champion_where_they_are(reg
     assert list(upload.model.version_aliases) == []
     assert v2.aliases == [] and registry.get("Chart-VLM", "champion").version == 1
     registry.set_alias("Chart-VLM", "champion", 2)
-    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/1000@2", ["champion", "default"])
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/chart-vlm@2", ["champion", "default"])
     assert registry.get("Chart-VLM", "champion").version == 2
 
 
@@ -192,7 +195,7 @@ def test_same_content_hash_returns_existing_version_without_uploading(registry, 
     assert again.version == first.version == 1 and again.model_uri == "gs://acme-ml/runs/1/dpo"
     assert len(vertex.sent("upload_model")) == 1
     lookup = vertex.sent("list_model_versions")[-1]
-    assert lookup.name == f"{PARENT}/models/1000"
+    assert lookup.name == f"{PARENT}/models/chart-vlm"
     assert lookup.filter == f'labels.vlmtune_content_hash="{sha(1)[:63]}"'
     # a hash sharing the label's 63-character prefix is a different artifact: a new version
     near = sha(1)[:63] + ("0" if sha(1)[-1] != "0" else "1")
@@ -213,3 +216,14 @@ def test_label_sanitising():
     assert sanitize_label("9lives", key=True) == "k_9lives"
     labels = lineage_labels("m", "h", {"nested": {"a": 1}, "none": None, "Epochs": 3})
     assert labels == {"vlmtune_name": "m", "vlmtune_content_hash": "h", "lineage_epochs": "3"}
+
+
+def test_racing_first_registrations_end_up_as_versions_of_one_model(registry, vertex, monkeypatch):
+    register(registry, 1)
+    # the second run looked before the first one's model existed
+    monkeypatch.setattr(registry, "find_model", lambda name: None)
+    v2 = register(registry, 2)
+    uploads = vertex.sent("upload_model")
+    assert [u.model_id for u in uploads] == ["chart-vlm", "chart-vlm", ""]
+    assert uploads[-1].parent_model == f"{PARENT}/models/chart-vlm"
+    assert v2.version == 2 and list(vertex.models) == [f"{PARENT}/models/chart-vlm"]

@@ -11,6 +11,9 @@ How the registry's ideas map onto Vertex:
 - lineage goes into labels (lowercase, ``[a-z0-9_-]``, at most 63 characters, so values are sanitised and
   truncated) for filtering in the console, and in full, with metrics and the card URI, into the version
   description as JSON, so :meth:`get` returns what was registered;
+- the first registration of a name creates the Model with ``model_id`` = the sanitised name, so Vertex itself
+  refuses a second model of that name: when two first registrations race, the loser gets ``AlreadyExists`` and
+  uploads again as a new version of the winner's model;
 - idempotency: the label ``vlmtune_content_hash`` (the hash truncated to 63 characters) is looked up with
   ``list_model_versions(filter=...)`` before uploading.
 
@@ -55,6 +58,11 @@ def sanitize_label(value: Any, *, key: bool = False) -> str:
     if key and not text[:1].isalpha():
         text = ("k_" + text)[:63]
     return text
+
+
+def model_id_for(name: str) -> str:
+    """Vertex model ID for a registered name: ``[a-z0-9_-]``, <= 63 chars, starting with a letter."""
+    return sanitize_label(name, key=True).replace("_", "-")
 
 
 def lineage_labels(name: str, content_hash: str, lineage: dict) -> dict[str, str]:
@@ -176,6 +184,7 @@ class VertexRegistry:
         card: str,
         make_champion: bool = True,
     ) -> ModelVersion:
+        from google.api_core.exceptions import AlreadyExists
         from google.cloud import aiplatform
 
         check_name(name)
@@ -202,18 +211,26 @@ class VertexRegistry:
             {"vlmtune": {"content_hash": content_hash, "metrics": metrics, "lineage": lineage, "card_uri": card_uri}},
             sort_keys=True, default=str,
         )
-        model = aiplatform.Model.upload(
-            display_name=name,
-            artifact_uri=model_uri,
-            parent_model=parent.resource_name if parent is not None else None,
-            # Vertex needs exactly one default version: the first upload always is, later ones when champion.
-            is_default_version=make_champion or parent is None,
-            version_aliases=[CHAMPION] if make_champion else [],
-            version_description=description,
-            description=f"vlmtune fine-tune of {lineage.get('base_model') or 'a SmolVLM model'}",
-            labels=lineage_labels(name, content_hash, lineage),
-            serving_container_image_uri=self.serving_container_image_uri,
-            sync=True,
-            **self._common(),
-        )
+        def upload(parent_name: str | None):
+            return aiplatform.Model.upload(
+                display_name=name,
+                artifact_uri=model_uri,
+                parent_model=parent_name,
+                model_id=None if parent_name else model_id_for(name),
+                # Vertex needs exactly one default version: the first upload always is, later ones when champion.
+                is_default_version=make_champion or parent_name is None,
+                version_aliases=[CHAMPION] if make_champion else [],
+                version_description=description,
+                description=f"vlmtune fine-tune of {lineage.get('base_model') or 'a SmolVLM model'}",
+                labels=lineage_labels(name, content_hash, lineage),
+                serving_container_image_uri=self.serving_container_image_uri,
+                sync=True,
+                **self._common(),
+            )
+
+        try:
+            model = upload(parent.resource_name if parent is not None else None)
+        except AlreadyExists:
+            # Another run created the model between our lookup and our upload: become a version of it.
+            model = upload(f"projects/{self.project}/locations/{self.location}/models/{model_id_for(name)}")
         return self._to_version(name, model.gca_resource)
