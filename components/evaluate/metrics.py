@@ -202,19 +202,21 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalised Levenshtein Similarity for one question (DocVQA / ST-VQA definition).
+    """Average Normalised Levenshtein Similarity for one question, as the DocVQA / ST-VQA evaluation script computes it.
 
-    For each reference: ``NL = levenshtein(pred, ref) / max(len(pred), len(ref))`` on lowercased,
-    whitespace-collapsed strings; the score is ``1 - NL`` when ``NL < threshold`` else 0; the best reference counts.
+    ``NL = levenshtein(pred, ref) / max(len(pred), len(ref))`` on lowercased, whitespace-collapsed strings; the
+    best reference counts; the score ``1 - min NL`` is zeroed when it falls below ``threshold``. (The papers write
+    "0 if NL >= 0.5"; the official script zeroes only when ``1 - NL < 0.5``, so NL = 0.5 exactly scores 0.5. We follow
+    the script, which produced the published numbers.)
     """
     pred = " ".join(prediction.lower().split())
-    best = 0.0
+    distances = []
     for ref in _as_list(answers):
         ref = " ".join(ref.lower().split())
         longest = max(len(pred), len(ref))
-        nl = _levenshtein(pred, ref) / longest if longest else 0.0
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+        distances.append(_levenshtein(pred, ref) / longest if longest else 0.0)
+    score = 1.0 - min(distances)
+    return score if score >= threshold else 0.0
 
 
 def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
