@@ -374,3 +374,17 @@ def test_kfp_on_vertex_gcs_fuse_paths_are_registered_as_gs_uris(gcs_bucket, tmp_
     assert result["model_uri"] == f"gs://{gcs_bucket}/runs/1/model"
     version = open_registry(f"gs://{gcs_bucket}/registry").get("vlm", "champion")
     assert version.lineage["evaluation_uri"] == f"gs://{gcs_bucket}/runs/1/eval"
+
+
+def test_registry_commands_plug_into_a_parent_parser(tmp_path, capsys):
+    import argparse
+
+    from components.register import cli
+
+    reg = open_registry(str(tmp_path / "registry"))
+    register(reg, "vlm", 1)
+    parser = argparse.ArgumentParser(prog="vlmtune")
+    cli.register_cli(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["registry", "show", "--registry", str(tmp_path / "registry"), "--name", "vlm"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1

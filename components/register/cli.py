@@ -6,7 +6,8 @@
     vlmtune registry show    --registry gs://b/registry --name chart-vlm --ref champion
     vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion]
 
-``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one; both print JSON to stdout and
+``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (``register_cli(subparsers)`` adds
+it to the top-level ``vlmtune`` parser); both print JSON to stdout and
 return 0 on success, 1 on a problem (reported in one line on stderr), 2 when the evaluation gate refused the model.
 Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
 ``registry_main``).
@@ -35,8 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_registry_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmtune registry", description="Look into a model registry.")
+def _add_registry_commands(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     for command, help_text in (("list", "all versions of a model"), ("show", "one version"),
                                ("promote", "point an alias (default: champion) at a version")):
@@ -48,7 +48,19 @@ def make_registry_parser() -> argparse.ArgumentParser:
         if command == "promote":
             s.add_argument("--version", type=int, required=True, help="version number to promote")
             s.add_argument("--alias", default=CHAMPION, help="alias to move (default: champion)")
+
+
+def make_registry_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune registry", description="Look into a model registry.")
+    _add_registry_commands(p)
     return p
+
+
+def register_cli(subparsers) -> None:
+    """Add ``vlmtune registry list|show|promote`` to the top-level ``vlmtune`` parser's sub-commands."""
+    p = subparsers.add_parser("registry", help="List, show or promote registered model versions.")
+    _add_registry_commands(p)
+    p.set_defaults(func=run_registry_command)
 
 
 def _print(obj) -> None:
@@ -71,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def registry_main(argv: list[str] | None = None) -> int:
-    args = make_registry_parser().parse_args(argv)
+    return run_registry_command(make_registry_parser().parse_args(argv))
+
+
+def run_registry_command(args: argparse.Namespace) -> int:
     try:
         reg = open_registry(args.registry)
         if args.command == "list":
