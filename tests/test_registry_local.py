@@ -296,6 +296,8 @@ def test_gcs_registry_end_to_end_through_core(gcs_bucket, tmp_path):
     assert storage.exists(f"{root}/vlm/versions/000001/version.json")
     assert storage.exists(f"{root}/vlm/versions/000001/README.md")
     assert resolve_reference(f"{root}::vlm@champion") == result["model_uri"]
+    assert core.current_champion(root, "never-registered") is None
+    assert open_registry(root).get("vlm", "staging") is None and open_registry(root).get("vlm", 2) is None
 
 
 def test_processes_racing_on_a_local_folder_get_distinct_versions(tmp_path):
