@@ -1,0 +1,206 @@
+"""Training machinery shared by the SFT and DPO steps: model + LoRA setup, checkpoints in object storage
+that survive preemption, and the metrics/plots every training step writes."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from components.common import storage
+
+log = logging.getLogger(__name__)
+CHECKPOINT_MARKER = "COMPLETE"
+
+
+def lora_config(config, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    from components.sft.config import TEXT_LORA_TARGETS, VISION_LORA_TARGETS
+
+    targets = {
+        "text": TEXT_LORA_TARGETS,
+        "text+vision": f"({TEXT_LORA_TARGETS})|({VISION_LORA_TARGETS})",
+    }.get(config.lora_targets, config.lora_targets)
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        target_modules=targets,
+        modules_to_save=list(config.trainable_modules) or None,
+        task_type=task_type,
+        init_lora_weights=True,
+    )
+
+
+def use_gradient_checkpointing(config) -> bool:
+    from components.common.modeling import device_settings
+
+    value = str(config.gradient_checkpointing).lower()
+    return device_settings().device == "cuda" if value == "auto" else value == "true"
+
+
+def load_trainable_model(config):
+    """The base model ready for training: quantised and prepared for k-bit training for QLoRA, with the
+    vision tower frozen unless LoRA targets it (the trainer adds LoRA from the returned peft config)."""
+    from components.common.modeling import load_base_model
+
+    if config.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
+    quantization = config.resolved_quantization()
+    model = load_base_model(config.base_model, quantization=quantization, trust_remote_code=config.trust_remote_code)
+    model.config.use_cache = False
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_gradient_checkpointing(config))
+    if config.method == "full":
+        vision = getattr(getattr(model, "model", model), "vision_model", None)
+        if vision is not None:
+            vision.requires_grad_(False)
+        return model, None
+    return model, lora_config(config)
+
+
+def trainable_parameter_count(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def peak_memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --- checkpoints in object storage -------------------------------------------------------------------
+
+def latest_complete_checkpoint(checkpoint_uri: str | None) -> str | None:
+    """URI of the newest ``checkpoint-N`` under ``checkpoint_uri`` whose marker exists (written last)."""
+    if not checkpoint_uri:
+        return None
+    steps = []
+    for uri in storage.list_files(checkpoint_uri):
+        rel = uri[len(str(checkpoint_uri).rstrip("/")) + 1:]
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[1] == CHECKPOINT_MARKER and parts[0].startswith("checkpoint-"):
+            steps.append(int(parts[0].split("-")[1]))
+    return storage.join(checkpoint_uri, f"checkpoint-{max(steps)}") if steps else None
+
+
+def fetch_checkpoint(checkpoint_uri: str | None, output_dir: Path) -> str | None:
+    """Copy the latest complete checkpoint into the trainer's output_dir; return its local path."""
+    latest = latest_complete_checkpoint(checkpoint_uri)
+    if latest is None:
+        return None
+    local = output_dir / latest.rstrip("/").split("/")[-1]
+    if storage.is_remote(latest) or Path(storage.to_local_path(latest)).resolve() != local.resolve():
+        if local.exists():
+            shutil.rmtree(local)
+        storage.download_dir(latest, local)
+    log.info("resuming from %s", latest)
+    return str(local)
+
+
+def make_checkpoint_callback(checkpoint_uri: str | None):
+    """A TrainerCallback that publishes each checkpoint to object storage (marker last) and turns SIGTERM
+    (how Vertex spot VMs and Kubernetes announce preemption) into save-then-stop."""
+    from transformers import TrainerCallback
+
+    class CheckpointToStorage(TrainerCallback):
+        def __init__(self):
+            self.sigterm = False
+            self.trainer_output_dir = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.trainer_output_dir = Path(args.output_dir)
+
+            def handle_sigterm(signum, frame):
+                log.warning("SIGTERM: saving a checkpoint and stopping")
+                self.sigterm = True
+
+            if checkpoint_uri:
+                signal.signal(signal.SIGTERM, handle_sigterm)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.sigterm:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if not checkpoint_uri:
+                return
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            target = storage.join(checkpoint_uri, local.name)
+            if storage.is_remote(target) or storage.to_local_path(target).resolve() != local.resolve():
+                storage.upload_dir(local, target)
+            storage.write_text(storage.join(target, CHECKPOINT_MARKER), json.dumps({"step": state.global_step}))
+            if self.sigterm:
+                raise SystemExit(143)  # checkpoint is safe; exit as a SIGTERM'd process would
+
+    return CheckpointToStorage()
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if points:
+        ax.plot(*zip(*points), marker=".")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def training_metrics(trainer, train_result, tokens_seen: int, rows: int, started: float) -> dict[str, Any]:
+    trainable, total = trainable_parameter_count(trainer.model)
+    runtime = train_result.metrics.get("train_runtime") or (time.time() - started)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "train_loss": float(train_result.training_loss),
+        "first_logged_loss": float(losses[0]) if losses else None,
+        "last_logged_loss": float(losses[-1]) if losses else None,
+        "global_steps": int(trainer.state.global_step),
+        "train_rows": rows,
+        "train_runtime_s": float(runtime),
+        "samples_per_s": float(train_result.metrics.get("train_samples_per_second", 0.0)),
+        "tokens_per_s": float(tokens_seen / runtime) if runtime else 0.0,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+
+
+def keep_trainable_in_compute_dtype(model) -> None:
+    """TRL casts every trainable parameter of a quantised model to bf16 (the QLoRA paper's recipe for GPUs).
+    Without bf16 compute (CPU, older GPUs) that breaks fp32 matmuls, so cast them back to the compute dtype.
+    Call after building the trainer, before ``train()`` creates the optimizer."""
+    from components.common.modeling import device_settings
+
+    settings = device_settings()
+    if settings.bf16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != settings.dtype:
+            param.data = param.data.to(settings.dtype)

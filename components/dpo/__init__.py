@@ -1,0 +1,1 @@
+"""Direct preference optimisation (TRL DPOTrainer) starting from the SFT adapter."""

@@ -1,0 +1,16 @@
+"""KFP component for DPO: the body only calls the core."""
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoint_uri: str,
+        model: Output[Model], metrics: Output[Metrics]):
+    from components.common.config import build_config
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    settings = build_config(DPOStepConfig, dict(config))
+    manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
+    model.metadata.update({"stage": "dpo", "base_model": manifest["base_model"], "content_hash": manifest["content_hash"]})
+    for key, value in manifest["metrics"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)

@@ -1,0 +1,150 @@
+"""The DPO step: preference optimisation of the SFT policy with TRL's DPOTrainer.
+
+The SFT adapter is loaded trainable on the (4-bit) base; TRL copies it into a frozen "ref" adapter, so the
+reference model is the SFT policy and no second model is held in memory. The output is a standalone adapter
+on the same base (initialised from SFT, moved by DPO).
+
+    vlmtune dpo --dataset PREF_DATA_URI --sft-model SFT_URI --output MODEL_URI
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from components.common import artifacts, storage
+from components.common.config import to_dict
+from components.common.schema import DATASET_KIND, MODEL_KIND
+from components.dpo.config import DPOStepConfig
+from components.sft.masking import SequenceTooLongError, VisionSFTCollator
+
+log = logging.getLogger(__name__)
+
+
+def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_long_fraction: float):
+    """Drop (and count) pairs whose prompt + longer answer is over ``max_length`` tokens."""
+    collator = VisionSFTCollator(processor, max_length=max_length)
+    keep, too_long = [], 0
+    for i, row in enumerate(dataset):
+        try:
+            for answer in ("chosen", "rejected"):
+                collator.encode({"messages": list(row["prompt"]) + list(row[answer]), "images": row["images"]})
+            keep.append(i)
+        except SequenceTooLongError:
+            too_long += 1
+    if dataset.num_rows and too_long / dataset.num_rows > max_too_long_fraction:
+        raise ValueError(
+            f"{too_long} of {dataset.num_rows} preference pairs exceed max_length={max_length} tokens "
+            f"(limit {max_too_long_fraction:.0%}). Raise max_length or max_too_long_fraction."
+        )
+    return dataset.select(keep), too_long
+
+
+def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
+    from peft import PeftModel
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from components.common.modeling import device_settings, load_processor, resolve_model_ref
+    from components.common.training import (
+        fetch_checkpoint,
+        keep_trainable_in_compute_dtype,
+        load_trainable_model,
+        make_checkpoint_callback,
+        training_metrics,
+        use_gradient_checkpointing,
+    )
+    from components.prepare_data.core import load_split
+    from components.sft.core import merge_adapter_into_full_precision_base, write_training_outputs
+
+    started = time.time()
+    dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
+    if dataset_manifest.get("task") != "preference":
+        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; dpo needs one prepared with --task preference")
+    sft_manifest = artifacts.read_manifest(sft_model_uri, kind=MODEL_KIND)
+    if not sft_manifest.get("adapter"):
+        raise ValueError(f"{sft_model_uri!r} is a fully fine-tuned model; DPO here starts from an SFT adapter (method lora/qlora)")
+    if config.base_model and config.base_model != sft_manifest["base_model"]:
+        raise ValueError(f"base_model {config.base_model!r} differs from the SFT model's base {sft_manifest['base_model']!r}")
+    config = dataclasses.replace(config, base_model=sft_manifest["base_model"])
+    set_seed(config.seed)
+
+    sft_local = Path(resolve_model_ref(sft_model_uri))
+    processor = load_processor(str(sft_local / "processor"), config.trust_remote_code)
+    train, dropped = filter_pairs_by_token_budget(load_split(dataset_uri, "train"), processor, config.max_length, config.max_too_long_fraction)
+    train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images")])
+
+    base, _ = load_trainable_model(config)
+    model = PeftModel.from_pretrained(base, str(sft_local / "adapter"), is_trainable=True)
+    settings = device_settings()
+    with storage.local_output(output_uri) as out, tempfile.TemporaryDirectory(prefix="vlmtune-dpo-") as work:
+        args = DPOConfig(
+            output_dir=work,
+            beta=config.beta,
+            loss_type=[config.loss_type],
+            learning_rate=config.learning_rate,
+            num_train_epochs=config.num_train_epochs,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            warmup_steps=config.warmup_ratio,
+            lr_scheduler_type=config.lr_scheduler_type,
+            weight_decay=config.weight_decay,
+            logging_steps=config.logging_steps,
+            save_strategy="steps" if checkpoint_uri else "no",
+            save_steps=config.save_steps,
+            seed=config.seed,
+            data_seed=config.seed,
+            bf16=settings.bf16,
+            optim=settings.optim,
+            gradient_checkpointing=use_gradient_checkpointing(config),
+            max_length=None,  # budget enforced above by dropping pairs; truncation could cut an image
+            include_num_input_tokens_seen="non_padding",
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            processing_class=processor,
+            callbacks=[make_checkpoint_callback(checkpoint_uri), TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))],
+        )
+        keep_trainable_in_compute_dtype(trainer.model)
+        resume_from = fetch_checkpoint(checkpoint_uri, Path(work))
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = training_metrics(trainer, result, int(trainer.state.num_input_tokens_seen or 0), train.num_rows, started)
+        rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+        metrics.update({
+            "pairs_over_token_budget": dropped,
+            "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
+            "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
+        })
+        # Only the trained "default" adapter is the DPO model; the frozen "ref" copy stays behind.
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")
+        write_training_outputs(out, trainer, processor, config, metrics, "DPO")
+        if config.merge_adapter:
+            merge_adapter_into_full_precision_base(out, config)
+        files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()]
+        manifest = {
+            "kind": MODEL_KIND,
+            "stage": "dpo",
+            "base_model": config.base_model,
+            "adapter": True,
+            "method": config.method,
+            "quantization": config.resolved_quantization(),
+            "parent": {"uri": sft_model_uri, "content_hash": sft_manifest.get("content_hash")},
+            "dataset": {"uri": dataset_uri, "content_hash": dataset_manifest.get("content_hash")},
+            "config": to_dict(config),
+            "metrics": metrics,
+            "files": files,
+            "content_hash": artifacts.hash_files([str(out / f) for f in files if f.startswith("adapter/")]),
+        }
+    artifacts.write_manifest(output_uri, manifest)
+    return manifest

@@ -1,0 +1,45 @@
+"""``vlmtune evaluate``: score base, trained stages and the registry champion on the held-out split.
+
+    vlmtune evaluate --dataset ./data/sft --model sft=./models/sft --model dpo=./models/dpo --output ./eval \
+        [--registry ./registry --registry-name my-model] [--metric vqa --min-delta 0.02]
+
+The last --model is the candidate. Exit status 0 whether or not the gate passed; read `passed` in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from components.common.cli import add_config_arguments, config_from_args, run_main
+from components.evaluate.config import EvaluateConfig
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmtune evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="Prepared SFT dataset; its eval split is scored.")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=URI", help="A trained model (repeatable; last = candidate).")
+    parser.add_argument("--output", required=True, help="Evaluation folder (metrics, predictions, report).")
+    parser.add_argument("--base-model", help="Base model to compare with (default: the candidate's base).")
+    parser.add_argument("--registry", help="Registry whose champion is also scored.")
+    parser.add_argument("--registry-name", help="Model name in the registry.")
+    add_config_arguments(parser, EvaluateConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+
+    def body():
+        from components.evaluate.core import run
+
+        models = {}
+        for item in args.model:
+            name, sep, uri = item.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"--model {item!r} must be NAME=URI, e.g. --model sft=./models/sft")
+            models[name] = uri
+        manifest = run(config_from_args(args, EvaluateConfig), args.dataset, models, args.output,
+                       base_model=args.base_model, registry=args.registry, registry_name=args.registry_name)
+        print(json.dumps({k: manifest[k] for k in ("passed", "reasons", "metrics")}, indent=2))
+
+    return run_main(body)

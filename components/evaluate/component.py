@@ -1,0 +1,27 @@
+"""KFP component for evaluate: the body only calls the core; `passed` is a bool output for `dsl.If`."""
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def evaluate(dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[Model], config: dict,
+             registry: str, registry_name: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+             report_html: Output[HTML], report_md: Output[Markdown]) -> NamedTuple("EvaluateOutputs", passed=bool, candidate_score=float):
+    import shutil
+    from collections import namedtuple
+
+    from components.common.config import build_config
+    from components.evaluate.config import EvaluateConfig
+    from components.evaluate.core import run
+
+    settings = build_config(EvaluateConfig, dict(config))
+    manifest = run(settings, dataset.path, {"sft": sft_model.path, "dpo": dpo_model.path}, evaluation.path,
+                   registry=registry or None, registry_name=registry_name or None)
+    shutil.copyfile(f"{evaluation.path}/report.html", report_html.path)
+    shutil.copyfile(f"{evaluation.path}/report.md", report_md.path)
+    for key, value in manifest["metrics"].items():
+        metrics.log_metric(key, value)
+    metrics.log_metric("passed", float(manifest["passed"]))
+    evaluation.metadata.update({"passed": manifest["passed"], "reasons": manifest["reasons"]})
+    outputs = namedtuple("EvaluateOutputs", ["passed", "candidate_score"])
+    return outputs(bool(manifest["passed"]), float(manifest["metrics"][manifest["primary_metric"]]))

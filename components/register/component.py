@@ -1,0 +1,15 @@
+"""KFP component for register: the body only calls the core. The pipeline runs it under `dsl.If(passed)`."""
+from typing import NamedTuple
+
+from kfp.dsl import Artifact, Dataset, Input, Model
+
+
+def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], registry: str,
+             name: str) -> NamedTuple("RegisterOutputs", version=int, model_uri=str):
+    from collections import namedtuple
+
+    from components.register.core import run
+
+    result = run(model.path, evaluation.path, registry, name, dataset_uri=dataset.path)
+    outputs = namedtuple("RegisterOutputs", ["version", "model_uri"])
+    return outputs(int(result["version"]), str(result["model_uri"]))

@@ -1,0 +1,16 @@
+"""KFP component for SFT: the body only calls the core."""
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: str,
+        model: Output[Model], metrics: Output[Metrics]):
+    from components.common.config import build_config
+    from components.sft.config import SFTStepConfig
+    from components.sft.core import run
+
+    settings = build_config(SFTStepConfig, {**config, "base_model": base_model})
+    manifest = run(settings, dataset.path, model.path, checkpoint_uri or None)
+    model.metadata.update({"stage": "sft", "base_model": base_model, "content_hash": manifest["content_hash"]})
+    for key, value in manifest["metrics"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)

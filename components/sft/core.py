@@ -1,0 +1,177 @@
+"""The SFT step: QLoRA supervised fine-tuning with TRL's SFTTrainer, PEFT LoRA and bitsandbytes NF4.
+
+Reads top to bottom: validate inputs -> load data and drop over-budget rows (never truncate through an
+image) -> load the base (4-bit for QLoRA) -> train with assistant-only labels, checkpointing to object
+storage -> write adapter, processor, resolved config, metrics, loss curve and TensorBoard events -> manifest
+last.
+
+    vlmtune sft --dataset DATA_URI --output MODEL_URI --base-model HuggingFaceTB/SmolVLM-256M-Instruct
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.common import artifacts, storage
+from components.common.config import to_dict
+from components.common.schema import DATASET_KIND, MODEL_KIND
+from components.sft.config import SFTStepConfig
+from components.sft.masking import SequenceTooLongError, VisionSFTCollator
+
+log = logging.getLogger(__name__)
+
+
+class TooManyRowsOverBudgetError(ValueError):
+    pass
+
+
+def filter_by_token_budget(dataset, collator: VisionSFTCollator, max_too_long_fraction: float, what: str = "train"):
+    """Add a ``length`` column (real tokens per row, images expanded) and drop rows over the budget.
+
+    Returns (dataset, number dropped). Fails when the dropped share passes ``max_too_long_fraction``.
+    """
+    lengths, keep = [], []
+    too_long = 0
+    for i, row in enumerate(dataset):
+        try:
+            lengths.append(len(collator.encode(row)["input_ids"]))
+            keep.append(i)
+        except SequenceTooLongError:
+            too_long += 1
+    if dataset.num_rows and too_long / dataset.num_rows > max_too_long_fraction:
+        raise TooManyRowsOverBudgetError(
+            f"{too_long} of {dataset.num_rows} {what} rows exceed max_length={collator.max_length} tokens "
+            f"(limit {max_too_long_fraction:.0%}). Raise max_length, lower the image resolution in prepare-data, "
+            f"or raise max_too_long_fraction to drop them."
+        )
+    if too_long:
+        log.warning("dropped %d %s rows over max_length=%d tokens", too_long, what, collator.max_length)
+    dataset = dataset.select(keep).add_column("length", lengths)
+    return dataset, too_long
+
+
+def write_training_outputs(out: Path, trainer, processor, config, metrics: dict, title: str) -> None:
+    from components.common.training import plot_loss_curve
+
+    trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
+    processor.save_pretrained(out / "processor")
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=True))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title)
+
+
+def merge_adapter_into_full_precision_base(out: Path, config) -> None:
+    """Merged model for serving: the base is reloaded in full precision, never merged into 4-bit weights."""
+    import torch
+    from peft import PeftModel
+
+    from components.common.modeling import load_base_model
+
+    base = load_base_model(config.base_model, quantization="none", dtype=torch.float32, trust_remote_code=config.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+
+
+def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+    from torch.utils.tensorboard import SummaryWriter
+    from trl import SFTConfig, SFTTrainer
+
+    from components.common.modeling import device_settings, load_processor
+    from components.common.training import (
+        fetch_checkpoint,
+        keep_trainable_in_compute_dtype,
+        load_trainable_model,
+        make_checkpoint_callback,
+        training_metrics,
+        use_gradient_checkpointing,
+    )
+    from components.prepare_data.core import load_split
+
+    started = time.time()
+    dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
+    if dataset_manifest.get("task") != "sft":
+        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; sft needs one prepared with --task sft")
+    set_seed(config.seed)
+    processor = load_processor(config.base_model, config.trust_remote_code)
+    collator = VisionSFTCollator(processor, max_length=config.max_length)
+    train, dropped = filter_by_token_budget(load_split(dataset_uri, "train"), collator, config.max_too_long_fraction)
+    if train.num_rows == 0:
+        raise ValueError(f"{dataset_uri!r} has no train rows within the token budget; nothing to train on")
+
+    model, peft_config = load_trainable_model(config)
+    settings = device_settings()
+    with storage.local_output(output_uri) as out, tempfile.TemporaryDirectory(prefix="vlmtune-sft-") as work:
+        args = SFTConfig(
+            output_dir=work,
+            learning_rate=config.learning_rate,
+            num_train_epochs=config.num_train_epochs,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+            lr_scheduler_type=config.lr_scheduler_type,
+            weight_decay=config.weight_decay,
+            logging_steps=config.logging_steps,
+            save_strategy="steps" if checkpoint_uri else "no",
+            save_steps=config.save_steps,
+            seed=config.seed,
+            data_seed=config.seed,
+            bf16=settings.bf16,
+            optim=settings.optim,
+            gradient_checkpointing=use_gradient_checkpointing(config),
+            train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+            length_column_name="length",
+            include_num_input_tokens_seen="non_padding",
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,  # budget enforced above by dropping rows; truncation could cut an image
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        checkpoints = make_checkpoint_callback(checkpoint_uri)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=collator,
+            processing_class=processor,
+            peft_config=peft_config,
+            callbacks=[checkpoints, TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))],
+        )
+        keep_trainable_in_compute_dtype(trainer.model)
+        resume_from = fetch_checkpoint(checkpoint_uri, Path(work))
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+        metrics = training_metrics(trainer, result, tokens_seen, train.num_rows, started)
+        metrics.update({"rows_over_token_budget": dropped, "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None})
+        write_training_outputs(out, trainer, processor, config, metrics, "SFT")
+        if config.merge_adapter and peft_config is not None:
+            merge_adapter_into_full_precision_base(out, config)
+        if peft_config is None:
+            trainer.model.save_pretrained(out / "model", safe_serialization=True)
+        files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()]
+        manifest = {
+            "kind": MODEL_KIND,
+            "stage": "sft",
+            "base_model": config.base_model,
+            "adapter": peft_config is not None,
+            "method": config.method,
+            "quantization": config.resolved_quantization(),
+            "dataset": {"uri": dataset_uri, "content_hash": dataset_manifest.get("content_hash")},
+            "config": to_dict(config),
+            "metrics": metrics,
+            "files": files,
+            "content_hash": artifacts.hash_files([str(out / f) for f in files if f.startswith(("adapter/", "model/"))]),
+        }
+    artifacts.write_manifest(output_uri, manifest)
+    return manifest

@@ -1,0 +1,124 @@
+"""The vlmtune pipeline: prepare data -> SFT (QLoRA) -> DPO -> evaluate -> [passed?] -> register.
+
+Every step is a lightweight Python component whose container image comes from one place
+(:func:`pipelines.containers.image_for`), so on Vertex AI and Kubeflow each step runs in its own image and
+under kfp.local the very same components run in-process. Per-step resources, retries and caching come from a
+:class:`PipelineSettings`, applied when the pipeline is built (compile once per target).
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional  # no `from __future__ import annotations`: kfp reads real annotations
+
+from kfp import dsl
+
+from components.dpo.component import dpo
+from components.evaluate.component import evaluate
+from components.prepare_data.component import prepare_data
+from components.register.component import register
+from components.sft.component import sft
+from pipelines.containers import image_for
+
+STEPS = ("prepare_data", "sft", "dpo", "evaluate", "register")
+PIPELINE_NAME = "vlmtune"
+
+
+@dataclass
+class StepResources:
+    cpu: Optional[str] = None  # e.g. "8"
+    memory: Optional[str] = None  # e.g. "32G"
+    accelerator_type: Optional[str] = None  # Vertex: "NVIDIA_L4"; Kubeflow: "nvidia.com/gpu"
+    accelerator_count: int = 0
+    retries: int = 0
+
+
+@dataclass
+class PipelineSettings:
+    """Everything that varies between targets but not between runs: images, hardware, retries, caching."""
+
+    registry_prefix: str = "localhost"
+    image_tag: str = "latest"
+    gpu_images: bool = True
+    caching: bool = True
+    resources: dict[str, StepResources] = field(default_factory=dict)
+
+    def image(self, step: str) -> str:
+        return image_for(step, self.registry_prefix, self.image_tag, gpu=self.gpu_images)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PipelineSettings":
+        values = dict(values)
+        resources = {k: StepResources(**v) for k, v in (values.pop("resources", None) or {}).items()}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown pipeline settings {sorted(unknown)}")
+        unknown_steps = set(resources) - set(STEPS)
+        if unknown_steps:
+            raise ValueError(f"resources for unknown steps {sorted(unknown_steps)}; steps are {STEPS}")
+        return cls(**values, resources=resources)
+
+
+def build_components(settings: PipelineSettings) -> dict:
+    """One KFP component per step, each bound to its image. install_kfp_package=False: the image has kfp."""
+    functions = {"prepare_data": prepare_data, "sft": sft, "dpo": dpo, "evaluate": evaluate, "register": register}
+    return {
+        step: dsl.component(fn, base_image=settings.image(step), install_kfp_package=False)
+        for step, fn in functions.items()
+    }
+
+
+def _configure(task, step: str, settings: PipelineSettings, display_name: str):
+    task.set_display_name(display_name)
+    task.set_caching_options(settings.caching)
+    res = settings.resources.get(step)
+    if res:
+        if res.cpu:
+            task.set_cpu_limit(res.cpu)
+        if res.memory:
+            task.set_memory_limit(res.memory)
+        if res.accelerator_type and res.accelerator_count:
+            task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.accelerator_count)
+        if res.retries:
+            task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(settings: PipelineSettings | None = None):
+    settings = settings or PipelineSettings()
+    ops = build_components(settings)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a SmolVLM/Idefics3 model: QLoRA SFT, DPO, gated registration.")
+    def vlmtune_pipeline(
+        sft_source: str,
+        preference_source: str,
+        base_model: str,
+        registry: str,
+        registry_name: str = "vlmtune-model",
+        prepare_config: dict = {},
+        sft_config: dict = {},
+        dpo_config: dict = {},
+        eval_config: dict = {},
+        sft_checkpoint_uri: str = "",
+        dpo_checkpoint_uri: str = "",
+    ) -> NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model):
+        sft_data = _configure(ops["prepare_data"](source=sft_source, task="sft", processor=base_model, config=prepare_config),
+                              "prepare_data", settings, "prepare SFT data")
+        pref_data = _configure(ops["prepare_data"](source=preference_source, task="preference", processor=base_model, config=prepare_config),
+                               "prepare_data", settings, "prepare preference data")
+        sft_task = _configure(ops["sft"](dataset=sft_data.outputs["dataset"], base_model=base_model, config=sft_config,
+                                         checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT (QLoRA)")
+        dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
+                                         config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
+        eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
+                                               dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
+                                               registry_name=registry_name), "evaluate", settings, "evaluate")
+        # Gate on a bool output: comparing a float with an int literal compiles to something kfp.local
+        # skips silently (see PITFALLS).
+        with dsl.If(eval_task.outputs["passed"] == True, name="passed-gate"):  # noqa: E712
+            _configure(ops["register"](model=dpo_task.outputs["model"], evaluation=eval_task.outputs["evaluation"],
+                                       dataset=sft_data.outputs["dataset"], registry=registry, name=registry_name),
+                       "register", settings, "register")
+        outputs = NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model)
+        return outputs(evaluation=eval_task.outputs["evaluation"], model=dpo_task.outputs["model"])
+
+    return vlmtune_pipeline
