@@ -118,7 +118,7 @@ def fake_server():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     fake.port = server.server_address[1]
     try:
@@ -126,6 +126,20 @@ def fake_server():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _one_tls_context(monkeypatch):
+    """The client builds a TLS context (loading the system CA bundle, ~0.15 s) for every call, even over plain
+    HTTP where it is never used; share one so these tests stay fast. Nothing on the wire changes."""
+    import ssl
+    import types
+
+    from mr_openapi import rest
+
+    shared = ssl.create_default_context()
+    monkeypatch.setattr(rest, "ssl", types.SimpleNamespace(
+        create_default_context=lambda *a, **k: shared, CERT_NONE=ssl.CERT_NONE))
 
 
 @pytest.fixture
