@@ -8,7 +8,7 @@ under kfp.local the very same components run in-process. Per-step resources, ret
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional  # no `from __future__ import annotations`: kfp reads real annotations
+from typing import Any, Callable, NamedTuple, Optional  # no `from __future__ import annotations`: kfp reads real annotations
 
 from kfp import dsl
 
@@ -41,6 +41,10 @@ class PipelineSettings:
     gpu_images: bool = True
     caching: bool = True
     resources: dict[str, StepResources] = field(default_factory=dict)
+    #: Called as task_hook(task, step) after the generic settings, for target-specific task config that has no
+    #: place in the spec both targets share (pipelines.compile installs kfp-kubernetes node selectors,
+    #: tolerations and secrets here for Kubeflow; Vertex leaves it None so its spec stays one document).
+    task_hook: Optional[Callable[[Any, str], None]] = field(default=None, compare=False, repr=False)
 
     def image(self, step: str) -> str:
         return image_for(step, self.registry_prefix, self.image_tag, gpu=self.gpu_images)
@@ -80,6 +84,8 @@ def _configure(task, step: str, settings: PipelineSettings, display_name: str):
             task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.accelerator_count)
         if res.retries:
             task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
+    if settings.task_hook:
+        settings.task_hook(task, step)
     return task
 
 
