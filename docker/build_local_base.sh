@@ -6,7 +6,8 @@
 # Usage (as root):  docker/build_local_base.sh [--engine podman|docker] [--tag NAME] [--cache-dir DIR] [--mirror URL]
 #
 # The rootfs tarball is cached (default /var/cache/vlmtune/rootfs-bookworm.tar): a rerun with the tarball present
-# skips debootstrap and only imports it (seconds). Delete the tarball to rebuild from the mirror (~3-5 min).
+# skips debootstrap and only imports it (seconds), or does nothing when the image exists already. Delete the
+# tarball and the image to rebuild from the mirror (~1.5 min on 2 cores).
 set -euo pipefail
 
 ENGINE="${ENGINE:-}"
@@ -34,6 +35,12 @@ if [[ -z "${ENGINE}" ]]; then
 fi
 
 TARBALL="${CACHE_DIR}/rootfs-${SUITE}.tar"
+if [[ -s "${TARBALL}" ]] && "${ENGINE}" image inspect "${TAG}" >/dev/null 2>&1; then
+  # Already imported from the cached tarball: importing again would make a new image id and so invalidate
+  # the build cache of every image built on it.
+  echo "${TAG}"
+  exit 0
+fi
 if [[ ! -s "${TARBALL}" ]]; then
   command -v debootstrap >/dev/null 2>&1 || { echo "build_local_base.sh: debootstrap not found (apt-get install debootstrap)" >&2; exit 1; }
   [[ "$(id -u)" == 0 ]] || { echo "build_local_base.sh: debootstrap needs root" >&2; exit 1; }
