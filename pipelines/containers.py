@@ -264,12 +264,20 @@ def push_images(
 # --------------------------------------------------------------------------------------------------- run a step
 
 
-def _looks_like_local_path(value: str) -> bool:
-    if "://" in value and not value.startswith("file://"):
-        return False  # gs://, http://, hf://: nothing to mount
+#: A bare word (`data`, `sft`) is a path only after a flag whose name says so; otherwise `--task sft` would turn
+#: into a mount whenever a folder named `sft` happens to sit in the working directory.
+PATH_FLAG_WORDS = ("source", "output", "input", "config", "dir", "path", "file", "data", "model", "adapter",
+                   "checkpoint", "registry", "workdir", "root")
+
+
+def _looks_like_local_path(value: str, flag: str = "") -> bool:
     if value.startswith("file://"):
         return True
-    return value.startswith(("/", "./", "../", "~")) or os.path.exists(value)
+    if "://" in value:
+        return False  # gs://, http://, hf://: nothing to mount
+    if value.startswith(("/", "./", "../", "~")):
+        return True
+    return os.path.exists(value) and any(word in flag for word in PATH_FLAG_WORDS)
 
 
 def _to_local_path(value: str) -> pathlib.Path:
@@ -288,12 +296,15 @@ def _mount_point(path: pathlib.Path) -> pathlib.Path:
 
 def resolve_path_args(args: Sequence[str]) -> tuple[list[str], list[pathlib.Path]]:
     """Make every local path in `args` absolute (the container's working directory differs) and list what has to
-    be mounted for them. Handles `--flag PATH`, `--flag=PATH` and bare positional paths; `gs://` stays as is."""
+    be mounted for them. Handles `--flag PATH` and `--flag=PATH`; a path is absolute, `./`/`../`/`~`-relative,
+    `file://`, or an existing name after a path-like flag (PATH_FLAG_WORDS); `gs://` stays as is."""
     rewritten: list[str] = []
     mounts: list[pathlib.Path] = []
+    previous = ""
     for arg in args:
         flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
-        if value.startswith("-") or not value or not _looks_like_local_path(value):
+        owner, previous = (flag or previous), arg
+        if value.startswith("-") or not value or not _looks_like_local_path(value, owner):
             rewritten.append(arg)
             continue
         path = _to_local_path(value)

@@ -319,3 +319,11 @@ def test_overlay_renders_with_kubectl_kustomize():
     gpu = by_kind["PodDefault"]["spec"]
     assert gpu["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
+
+
+def test_bare_words_are_paths_only_after_path_flags(tmp_path, monkeypatch):
+    (tmp_path / "sft").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args, mounts = containers.resolve_path_args(["--source", "sft", "--task", "sft", "--output=out", "--seed", "3"])
+    assert args == ["--source", f"{tmp_path}/sft", "--task", "sft", "--output=out", "--seed", "3"]
+    assert mounts == [tmp_path / "sft"]
