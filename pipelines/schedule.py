@@ -182,7 +182,8 @@ def list_kubeflow(client, namespace: str | None) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- CLI
 
-def _print_rows(rows: list[dict], out=sys.stdout) -> None:
+def _print_rows(rows: list[dict], out=None) -> None:
+    out = out or sys.stdout
     if not rows:
         print("no schedules", file=out)
         return

@@ -101,7 +101,11 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def _config_problems(name: str, values: dict, params: dict) -> list[str]:
+def check_config_section(name: str, values: dict, params: dict) -> tuple[list[str], dict]:
+    """(problems, values typed as the step will read them) for one *_config section, checked with the step's own
+    config class, so a typo or a bad value fails here rather than after the GPU is up. Typing matters because
+    `--set sft_config.learning_rate=2e-4` arrives as the string '2e-4' (YAML 1.1)."""
+    import dataclasses
     import importlib
 
     from components.common.config import ConfigError, build_config
@@ -111,24 +115,28 @@ def _config_problems(name: str, values: dict, params: dict) -> list[str]:
     injected = {"prepare_config": {"task": "sft", "processor": params.get("base_model") or None},
                 "sft_config": {"base_model": params.get("base_model")},
                 "dpo_config": {}, "eval_config": {}}[name]
-    known = {f for f in cls.__dataclass_fields__}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        return [f"{name}: unknown fields {unknown}; {class_name} has: {', '.join(sorted(known))}"]
+        return [f"{name}: unknown fields {unknown}; {class_name} has: {', '.join(sorted(known))}"], values
     try:
-        build_config(cls, {**values, **{k: v for k, v in injected.items() if k in known}})
+        config = build_config(cls, {**values, **{k: v for k, v in injected.items() if k in known}})
     except ConfigError as e:
         lines = [line.strip().lstrip("- ") for line in str(e).splitlines() if line.strip()]
-        return [f"{name}: {line}" for line in lines if not line.endswith(":")] or [f"{name}: {e}"]
-    except Exception as e:  # a config whose checks need the machine the step runs on: let the step decide
-        return [] if isinstance(e, (FileNotFoundError, OSError)) else [f"{name}: {e}"]
-    return []
+        return [f"{name}: {line}" for line in lines if not line.endswith(":")] or [f"{name}: {e}"], values
+    except OSError:  # a check that needs the machine the step runs on: let the step decide
+        return [], values
+    typed = {k: getattr(config, k) for k in values}
+    plain = all(isinstance(v, (str, int, float, bool, list, dict, type(None))) for v in typed.values())
+    return [], typed if plain else values
 
 
 def validate_params(params: dict[str, Any], spec_params: dict[str, dict], target: str, *,
                     check_configs: bool = True, scheduled: bool = False) -> dict[str, Any]:
-    """Check ``params`` against the pipeline's parameters and the target's rules; all problems in one error."""
+    """Check ``params`` against the pipeline's parameters and the target's rules; all problems in one error.
+    Returns the parameters with config sections typed."""
     problems: list[str] = []
+    typed = dict(params)
     unknown = sorted(set(params) - set(spec_params))
     if unknown:
         problems.append(f"unknown parameters {unknown}; the pipeline takes: {', '.join(sorted(spec_params))}")
@@ -151,7 +159,8 @@ def validate_params(params: dict[str, Any], spec_params: dict[str, dict], target
                                 f"who can see the run. Use a Kubernetes secret (kubeflow settings' secret_env) or the "
                                 f"service account instead")
             elif check_configs and name in CONFIG_SECTIONS:
-                problems += _config_problems(name, value, params)
+                found, typed[name] = check_config_section(name, value, params)
+                problems += found
     for name in (*SOURCE_PARAMS, "registry", "base_model"):
         value = params.get(name)
         if not isinstance(value, str) or not value:
@@ -175,7 +184,7 @@ def validate_params(params: dict[str, Any], spec_params: dict[str, dict], target
                             f"would make each run resume the previous one; leave them out of scheduled runs")
     if problems:
         raise SubmitError("invalid pipeline parameters:\n  " + "\n  ".join(problems))
-    return params
+    return typed
 
 
 def default_run_name(now: dt.datetime | None = None) -> str:
@@ -236,8 +245,9 @@ def pipeline_template(target: str, template: str | None = None, settings_file: s
 # ------------------------------------------------------------------------------------------- waiting
 
 def stream_state(get_state: Callable[[], str], terminal: set[str], *, poll_s: float = POLL_SECONDS,
-                 out=sys.stdout, sleep: Callable[[float], None] = time.sleep) -> str:
+                 out=None, sleep: Callable[[float], None] = time.sleep) -> str:
     """Print each state change until a terminal state; return it."""
+    out = out or sys.stdout
     last = None
     while True:
         state = get_state()
@@ -294,9 +304,10 @@ def vertex_job(template: Path, params: dict, run_name: str, options: VertexOptio
 
 
 def submit_vertex(template: Path, params: dict, run_name: str, options: VertexOptions, *, wait: bool = False,
-                  poll_s: float = POLL_SECONDS, out=sys.stdout):
+                  poll_s: float = POLL_SECONDS, out=None):
     if not VERTEX_RUN_NAME.match(run_name):
         raise SubmitError(f"--run-name {run_name!r}: Vertex job ids are lowercase letters, digits and '-', starting with a letter")
+    out = out or sys.stdout
     job = vertex_job(template, params, run_name, options, job_id=run_name)
     job.submit(service_account=options.service_account, network=options.network, experiment=options.experiment)
     print(f"submitted Vertex AI pipeline job {job.resource_name}", file=out)
@@ -340,7 +351,8 @@ class KubeflowOptions:
 
 
 def submit_kubeflow(template: Path, params: dict, run_name: str, options: KubeflowOptions, *, wait: bool = False,
-                    poll_s: float = POLL_SECONDS, client=None, out=sys.stdout):
+                    poll_s: float = POLL_SECONDS, client=None, out=None):
+    out = out or sys.stdout
     client = client or options.client()
     result = client.create_run_from_pipeline_package(
         str(template), arguments=params, run_name=run_name, experiment_name=options.experiment,
@@ -391,11 +403,15 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
 def target_options(args: argparse.Namespace) -> VertexOptions | KubeflowOptions:
     import os
 
+    label_problems: list[str] = []
     if args.target == "vertex":
+        try:
+            labels = parse_labels(args.label)
+        except SubmitError as e:
+            labels, label_problems = {}, str(e).splitlines()[1:]
         options = VertexOptions(project=args.project, region=args.region, pipeline_root=args.pipeline_root,
                                 service_account=args.service_account, network=args.network,
-                                labels=parse_labels(args.label), experiment=args.experiment,
-                                enable_caching=args.enable_caching)
+                                labels=labels, experiment=args.experiment, enable_caching=args.enable_caching)
     else:
         ignored = [flag for flag, value in (("--project", args.project), ("--region", args.region),
                                             ("--network", args.network), ("--label", args.label)) if value]
@@ -405,7 +421,7 @@ def target_options(args: argparse.Namespace) -> VertexOptions | KubeflowOptions:
                                   experiment=args.experiment or "vlmtune", pipeline_root=args.pipeline_root,
                                   service_account=args.service_account, enable_caching=args.enable_caching,
                                   existing_token=os.environ.get("KFP_TOKEN") or None)
-    problems = options.problems()
+    problems = options.problems() + [p.strip() for p in label_problems]
     if problems:
         raise SubmitError(f"invalid {args.target} options:\n  " + "\n  ".join(problems))
     return options
