@@ -76,7 +76,9 @@ class VertexFake:
             if method == "delete":
                 del self.schedules[name]
 
-                class Done:
+                class Done:  # the long-running operation delete returns, already finished
+                    operation = type("Operation", (), {"name": f"{name}/operations/1"})()
+
                     def result(self, timeout=None):
                         return None
                 return Done()
