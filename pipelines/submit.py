@@ -177,6 +177,8 @@ def validate_params(params: dict[str, Any], spec_params: dict[str, dict], target
                             f"upload it with `gcloud storage cp -r DIR gs://BUCKET/data/`")
         elif _is_local(value):
             problems.append(f"{name}: {value!r} is a local path the cluster cannot see; use a gs:// URI")
+        elif not value.startswith("gs://"):
+            problems.append(f"{name}: {value!r}: steps read sources from gs:// (or a local path), not other schemes")
     if scheduled:
         fixed = [k for k in CHECKPOINT_PARAMS if params.get(k)]
         if fixed:
