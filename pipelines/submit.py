@@ -452,6 +452,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         with pipeline_template(args.target, args.template, args.settings, args.registry_prefix, args.image_tag) as template:
             options, params = checked_inputs(args, template)
             params = with_checkpoints(params, options.pipeline_root, run_name)
+            if not all(params.get(k) for k in CHECKPOINT_PARAMS):
+                print("note: no gs:// --pipeline-root, so no per-run checkpoint URIs: a step retried after a "
+                      "preemption restarts from step 0", file=sys.stderr)
             if args.dry_run:
                 print(yaml.safe_dump({"target": args.target, "run_name": run_name, "parameters": params}, sort_keys=False))
                 return 0
