@@ -118,9 +118,9 @@ def build_pipeline(settings: PipelineSettings | None = None):
         eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
                                                dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
                                                registry_name=registry_name), "evaluate", settings, "evaluate")
-        # Gate on a bool output: comparing a float with an int literal compiles to something kfp.local
-        # skips silently (see PITFALLS).
-        with dsl.If(eval_task.outputs["passed"] == True, name="passed-gate"):  # noqa: E712
+        # Gate on evaluate's single bool return value: kfp.local skips a dsl.If on a float compared with an
+        # int literal, and cannot resolve a named NamedTuple output, in both cases silently (see PITFALLS).
+        with dsl.If(eval_task.outputs["Output"] == True, name="passed-gate"):  # noqa: E712
             _configure(ops["register"](model=dpo_task.outputs["model"], evaluation=eval_task.outputs["evaluation"],
                                        dataset=sft_data.outputs["dataset"], registry=registry, name=registry_name),
                        "register", settings, "register")

@@ -1,15 +1,15 @@
-"""KFP component for evaluate: the body only calls the core; `passed` is a bool output for `dsl.If`."""
-from typing import NamedTuple
+"""KFP component for evaluate: the body only calls the core.
 
+It returns `passed` as its single return value (the `Output` parameter): kfp.local resolves a `dsl.If` on a
+task's `Output` but not on a named output of a NamedTuple, so a single bool is what works everywhere.
+"""
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def evaluate(dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[Model], config: dict,
              registry: str, registry_name: str, evaluation: Output[Artifact], metrics: Output[Metrics],
-             report_html: Output[HTML], report_md: Output[Markdown]) -> NamedTuple("EvaluateOutputs", passed=bool, candidate_score=float):
+             report_html: Output[HTML], report_md: Output[Markdown]) -> bool:
     import shutil
-    from collections import namedtuple
-
     from components.common.config import build_config
     from components.evaluate.config import EvaluateConfig
     from components.evaluate.core import run
@@ -23,5 +23,4 @@ def evaluate(dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[
         metrics.log_metric(key, value)
     metrics.log_metric("passed", float(manifest["passed"]))
     evaluation.metadata.update({"passed": manifest["passed"], "reasons": manifest["reasons"]})
-    outputs = namedtuple("EvaluateOutputs", ["passed", "candidate_score"])
-    return outputs(bool(manifest["passed"]), float(manifest["metrics"][manifest["primary_metric"]]))
+    return bool(manifest["passed"])
