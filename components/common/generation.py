@@ -47,8 +47,12 @@ def generate_answers(
     batch_size: int = 16,
     options: GenerationOptions | None = None,
     progress: bool = False,
+    processor_kwargs: dict | None = None,
 ) -> list[str]:
-    """One answer per conversation; ``images[i]`` are the PIL images of conversation ``i`` in order."""
+    """One answer per conversation; ``images[i]`` are the PIL images of conversation ``i`` in order.
+
+    ``processor_kwargs`` go to the processor call, e.g. ``{"do_image_splitting": False}`` for video frames:
+    one tile per frame instead of SmolVLM's up-to-17 tiles, as SmolVLM's own video processing does."""
     import torch
     from tqdm.auto import tqdm
 
@@ -71,6 +75,7 @@ def generate_answers(
                 padding=True,
                 add_special_tokens=False,
                 return_tensors="pt",
+                **(processor_kwargs or {}),
             ).to(device)
             with torch.inference_mode():
                 output = model.generate(**inputs, **options.generate_kwargs(),
