@@ -10,9 +10,9 @@ this machine's pip settings carried in (local wheels and indexes, the proxy's CA
 its output must be byte-for-byte the in-process run's; and kfp's DockerRunner, pointed at podman's Docker API,
 runs a lightweight component in the image with `containers.docker_runner_kwargs()`.
 
-Measured on the 2-core dev machine (shared): cold ~8.5 min (debootstrap 1.5 min, image build 6.5 min, the rest
-<1 min); warm ~40 s (base image kept, dependency layers cached, only the project layer rebuilt). A change to
-pyproject.toml or docker/constraints.txt rebuilds the dependency layer: ~6 min.
+Measured on the 2-core dev machine (shared with other work): cold 6.7-8.5 min (debootstrap 1.5-2.3 min, image
+build 4-6.5 min, the runs ~40 s); warm 35-55 s (base image kept, dependency layers cached, only the project
+layer rebuilt). A change to pyproject.toml or docker/constraints.txt rebuilds the dependency layer: ~4-6 min.
 """
 
 import json
