@@ -84,17 +84,32 @@ def peak_memory_bytes() -> int:
 
 
 # --- checkpoints in object storage -------------------------------------------------------------------
+#
+# The HF Trainer writes a complete checkpoint folder (adapter or model, optimizer, scheduler, RNG state of
+# every process, trainer_state.json with the step and log history) into its local output_dir; the callback
+# below copies that folder to ``<checkpoint_uri>/checkpoint-N`` and writes ``COMPLETE`` last. On start, the
+# newest folder with a marker is copied back and handed to ``trainer.train(resume_from_checkpoint=...)``,
+# which restores all of the above and skips the batches already seen (same data order for the same seed).
+# A folder without its marker (a writer killed mid-upload) is ignored and overwritten by the next save.
+
+
+def _checkpoint_step(name: str) -> int | None:
+    prefix = "checkpoint-"
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return int(name[len(prefix):])
+    return None
+
 
 def latest_complete_checkpoint(checkpoint_uri: str | None) -> str | None:
     """URI of the newest ``checkpoint-N`` under ``checkpoint_uri`` whose marker exists (written last)."""
     if not checkpoint_uri:
         return None
+    root = str(checkpoint_uri).rstrip("/")
     steps = []
     for uri in storage.list_files(checkpoint_uri):
-        rel = uri[len(str(checkpoint_uri).rstrip("/")) + 1:]
-        parts = rel.split("/")
-        if len(parts) == 2 and parts[1] == CHECKPOINT_MARKER and parts[0].startswith("checkpoint-"):
-            steps.append(int(parts[0].split("-")[1]))
+        parts = uri[len(root) + 1:].split("/")
+        if len(parts) == 2 and parts[1] == CHECKPOINT_MARKER and _checkpoint_step(parts[0]) is not None:
+            steps.append(_checkpoint_step(parts[0]))
     return storage.join(checkpoint_uri, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -108,32 +123,73 @@ def fetch_checkpoint(checkpoint_uri: str | None, output_dir: Path) -> str | None
         if local.exists():
             shutil.rmtree(local)
         storage.download_dir(latest, local)
+        (local / CHECKPOINT_MARKER).unlink(missing_ok=True)
     log.info("resuming from %s", latest)
     return str(local)
 
 
+def _distributed():
+    """torch.distributed when a multi-process run (accelerate/torchrun) has initialised it, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any: all ranks must stop (and save) at the same step,
+    or the collective ops of the save would hang."""
+    dist = _distributed()
+    if dist is None:
+        return flag
+    import torch
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def publish_checkpoint(local: Path, checkpoint_uri: str, step: int) -> str:
+    """Copy a finished local checkpoint folder to ``<checkpoint_uri>/checkpoint-<step>``, marker last.
+
+    A folder already there (a run killed while uploading the same step) loses its marker first and is cleared,
+    so stale files never sit beside new ones under a marker."""
+    target = storage.join(checkpoint_uri, f"checkpoint-{step}")
+    same_place = not storage.is_remote(target) and storage.to_local_path(target).resolve() == local.resolve()
+    if not same_place:
+        storage.delete(storage.join(target, CHECKPOINT_MARKER))
+        storage.delete(target)
+        storage.upload_dir(local, target)
+    storage.write_text(storage.join(target, CHECKPOINT_MARKER), json.dumps({"step": step, "time": time.time()}))
+    log.info("checkpoint %s published", target)
+    return target
+
+
 def make_checkpoint_callback(checkpoint_uri: str | None):
     """A TrainerCallback that publishes each checkpoint to object storage (marker last) and turns SIGTERM
-    (how Vertex spot VMs and Kubernetes announce preemption) into save-then-stop."""
+    (how Vertex spot VMs and Kubernetes announce preemption) into save-at-the-end-of-this-step, then exit 143.
+
+    The save happens after the optimiser step in progress (a partial gradient-accumulation window cannot be
+    resumed), so keep one optimiser step well under the grace period (30 s on Vertex spot, 30 s by default
+    on Kubernetes: ``terminationGracePeriodSeconds``)."""
     from transformers import TrainerCallback
 
     class CheckpointToStorage(TrainerCallback):
         def __init__(self):
             self.sigterm = False
-            self.trainer_output_dir = None
+            self.previous_handler = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.trainer_output_dir = Path(args.output_dir)
-
             def handle_sigterm(signum, frame):
-                log.warning("SIGTERM: saving a checkpoint and stopping")
+                log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
                 self.sigterm = True
 
             if checkpoint_uri:
-                signal.signal(signal.SIGTERM, handle_sigterm)
+                self.previous_handler = signal.signal(signal.SIGTERM, handle_sigterm)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.sigterm:
+            if checkpoint_uri and _any_process(self.sigterm):
+                self.sigterm = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -141,13 +197,22 @@ def make_checkpoint_callback(checkpoint_uri: str | None):
         def on_save(self, args, state, control, **kwargs):
             if not checkpoint_uri:
                 return
-            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            target = storage.join(checkpoint_uri, local.name)
-            if storage.is_remote(target) or storage.to_local_path(target).resolve() != local.resolve():
-                storage.upload_dir(local, target)
-            storage.write_text(storage.join(target, CHECKPOINT_MARKER), json.dumps({"step": state.global_step}))
+            dist = _distributed()
+            if dist is not None:
+                dist.barrier()  # every rank has written its rng_state_<rank>.pth
+            if state.is_world_process_zero:
+                publish_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri, state.global_step)
+            if dist is not None:
+                dist.barrier()  # nobody exits before the marker is written
             if self.sigterm:
-                raise SystemExit(143)  # checkpoint is safe; exit as a SIGTERM'd process would
+                log.warning("checkpoint-%d is safe; exiting with status 143 (SIGTERM)", state.global_step)
+                self.on_train_end(args, state, control)
+                raise SystemExit(143)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.previous_handler is not None:
+                signal.signal(signal.SIGTERM, self.previous_handler)
+                self.previous_handler = None
 
     return CheckpointToStorage()
 

@@ -1,0 +1,150 @@
+"""Preemption: SFT killed after a checkpoint (SIGKILL, or SIGTERM as Vertex spot / Kubernetes send it) and
+restarted with the same command resumes from the newest complete checkpoint and ends with the same steps
+and the same weights as a run that was never interrupted.
+
+Each training step is slowed down in the child process only (a ``sitecustomize`` on its PYTHONPATH wraps
+``Trainer.training_step``) so the test can act between steps; the command line itself is the user's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.fixtures_models import TINY_TRAINING
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 8
+SAVE_STEPS = 3
+TRAINING = {**TINY_TRAINING, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS}
+
+SLOW_STEPS = '''
+import os, time
+import transformers.trainer as _t
+_delay = float(os.environ["VLMTUNE_TEST_STEP_DELAY"])
+_original = _t.Trainer.training_step
+def training_step(self, *args, **kwargs):
+    time.sleep(_delay)
+    return _original(self, *args, **kwargs)
+_t.Trainer.training_step = training_step
+'''
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prepared_sft, tiny_model_dir):
+    from components.common.config import build_config
+    from components.sft.config import SFTStepConfig
+    from components.sft.core import run
+
+    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    manifest = run(build_config(SFTStepConfig, {**TRAINING, "base_model": str(tiny_model_dir)}), str(prepared_sft), str(out))
+    return out, manifest
+
+
+def sft_command(prepared_sft, tiny_model_dir, output: Path, checkpoints: Path) -> list[str]:
+    command = [sys.executable, "-m", "pipelines.cli", "sft", "--dataset", str(prepared_sft), "--output", str(output),
+               "--base-model", str(tiny_model_dir), "--checkpoint-uri", str(checkpoints)]
+    for key, value in TRAINING.items():
+        command += ["--set", f"{key}={value}"]
+    return command
+
+
+def child_env(slow_dir: Path | None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    if slow_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(slow_dir), str(REPO), env.get("PYTHONPATH", "")])
+        env["VLMTUNE_TEST_STEP_DELAY"] = "0.5"
+    return env
+
+
+def complete_steps(checkpoints: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/COMPLETE"))
+
+
+def start_slow_and_wait_for_checkpoint(command, run_dir: Path, checkpoints: Path, after_step: int, timeout: float = 240):
+    """Start ``command`` with slowed steps; return it once a complete checkpoint newer than ``after_step`` exists."""
+    slow_dir = run_dir / "slow"
+    slow_dir.mkdir(parents=True)
+    (slow_dir / "sitecustomize.py").write_text(SLOW_STEPS)
+    log = open(run_dir / "run.log", "w")
+    proc = subprocess.Popen(command, cwd=REPO, env=child_env(slow_dir), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while not [s for s in complete_steps(checkpoints) if s > after_step]:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no new complete checkpoint appeared (rc={proc.returncode}):\n{(run_dir / 'run.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def test_preempted_twice_sigterm_then_sigkill_resumes_each_time(tmp_path, prepared_sft, tiny_model_dir, uninterrupted):
+    """One run preempted twice, as spot VMs are: SIGTERM (save at once, exit 143), restart; SIGKILL after the next
+    checkpoint (no warning at all), restart; it finishes as if never interrupted."""
+    output, checkpoints = tmp_path / "out", tmp_path / "ckpt"
+    command = sft_command(prepared_sft, tiny_model_dir, output, checkpoints)
+
+    # 1. SIGTERM right after the first scheduled checkpoint: lands during step SAVE_STEPS + 1.
+    proc = start_slow_and_wait_for_checkpoint(command, tmp_path / "1", checkpoints, after_step=0)
+    assert complete_steps(checkpoints) == [SAVE_STEPS]
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    log = (tmp_path / "1" / "run.log").read_text()
+    assert rc == 143, log[-3000:]
+    # The SIGTERM save is off the save_steps grid: the signal, not the schedule, saved it, at the next step end.
+    assert complete_steps(checkpoints) == [SAVE_STEPS, SAVE_STEPS + 1], log[-3000:]
+    assert "resuming from" not in log and not (output / "manifest.json").exists()
+
+    # 2. Restart with the same command; SIGKILL once the next scheduled checkpoint is complete.
+    proc = start_slow_and_wait_for_checkpoint(command, tmp_path / "2", checkpoints, after_step=SAVE_STEPS + 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    log = (tmp_path / "2" / "run.log").read_text()
+    assert f"resuming from {checkpoints}/checkpoint-{SAVE_STEPS + 1}" in log, log[-3000:]
+    survived = max(complete_steps(checkpoints))
+    assert SAVE_STEPS + 1 < survived < MAX_STEPS and not (output / "manifest.json").exists()
+    # A checkpoint folder without its marker (what a kill during upload leaves) must be ignored.
+    half = checkpoints / f"checkpoint-{survived + 1}"
+    half.mkdir(exist_ok=True)
+    (half / "trainer_state.json").write_text("{not json")
+
+    # 3. Restart again: resumes from the newest complete checkpoint and finishes.
+    done = subprocess.run(command, cwd=REPO, env=child_env(None), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {checkpoints}/checkpoint-{survived}" in done.stderr
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from"] == f"checkpoint-{survived}"
+
+    reference_dir, reference = uninterrupted
+    assert manifest["metrics"]["global_steps"] == reference["metrics"]["global_steps"] == MAX_STEPS
+    # Adapter, optimizer, scheduler, RNG and data position were all restored: the weights match a run that was
+    # never interrupted (a fresh start, a reset optimizer or a different batch order would not).
+    resumed, expected = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (output, reference_dir))
+    assert set(resumed) == set(expected)
+    for key in expected:
+        assert resumed[key].allclose(expected[key], atol=1e-6), key
+    # The loss curve is continuous: the restored log history plus the resumed steps, one entry per step.
+    history = json.loads((output / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, MAX_STEPS + 1))
+
+
+def test_latest_complete_checkpoint_ignores_folders_without_marker(tmp_path):
+    from components.common.training import CHECKPOINT_MARKER, latest_complete_checkpoint
+
+    for step, marked in ((2, True), (4, True), (6, False), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        if marked:
+            (folder / CHECKPOINT_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-latest").mkdir()
+    (tmp_path / "checkpoint-latest" / CHECKPOINT_MARKER).write_text("{}")
+    assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert latest_complete_checkpoint(str(tmp_path / "nothing-here")) is None
+    assert latest_complete_checkpoint(None) is None
