@@ -322,3 +322,16 @@ def test_unreadable_image_in_batch_is_named_with_its_line(tmp_path, tiny, demo_r
     rows = api.read_batch_file(batch)  # the file exists, so it passes the up-front check
     with pytest.raises(ValueError, match=r"bad.png' \(line 2\) cannot be read as an image"):
         tiny.ask_batch(rows, options=OPTIONS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generation benchmark runs, and its two contenders agree
+
+
+def test_generate_benchmark_contenders_give_identical_answers(tmp_path, tiny_model_dir, prepared_sft, capsys):
+    from benchmarks.generate import main as bench
+
+    result = bench(["--model", str(tiny_model_dir), "--dataset", str(prepared_sft), "--workdir", str(tmp_path),
+                    "--max-rows", "5", "--batch-size", "2", "--max-new-tokens", "4", "--threads", "1"])
+    assert result["rows"] == 5 and result["answers_identical"] is True
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
