@@ -114,3 +114,18 @@ def test_formula_matches_processor_on_many_sizes(tmp_path):
         assert max(sw, sh) <= max(128, 1)
         # Storing at the reduced size costs exactly the same tokens as the original.
         assert core.tokens_for_size(sw, sh, settings) == core.tokens_for_size(w, h, settings), (w, h)
+
+
+@pytest.mark.gcs
+def test_processor_from_gs_folder_skips_weights(gcs_bucket, smolvlm_processor, tmp_path, monkeypatch):
+    from components.common import storage
+
+    storage.upload_dir(smolvlm_processor, f"gs://{gcs_bucket}/model")
+    storage.write_bytes(f"gs://{gcs_bucket}/model/model.safetensors", b"not really weights")
+    read = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read(uri))
+    settings = core.load_processor_settings(f"gs://{gcs_bucket}/model", longest_edge=800)
+    assert settings["size"] == {"longest_edge": 768}  # snapped down to whole 384 px tiles
+    assert settings["image_seq_len"] == 81
+    assert read and not any(uri.endswith(".safetensors") for uri in read)

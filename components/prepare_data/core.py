@@ -33,6 +33,7 @@ from components.prepare_data.config import PrepareDataConfig
 from components.prepare_data.sources import SourceError, iter_rows, open_source
 
 EXAMPLES_PER_REASON = 5
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx"}
 EARLY_ROWS = 1000  # if this many rows in a row are all invalid, stop: the column mapping is wrong
 # Reasons that are not "invalid input": they do not count towards max_invalid_fraction.
 NOT_INVALID = {"duplicate"}
@@ -74,8 +75,17 @@ def load_processor_settings(ref: str, longest_edge: int | None = None) -> dict[s
             ) from e
 
     if storage.is_remote(ref):
-        with storage.local_input(ref) as local:
-            processor = _load(str(local))
+        # Fetch only the processor's small files, never the model weights next to them.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vlmtune-processor-") as tmp:
+            prefix = ref.rstrip("/") + "/"
+            for uri in storage.list_files(ref):
+                rel = uri[len(prefix):]
+                if "/" in rel or Path(rel).suffix in WEIGHT_SUFFIXES:
+                    continue
+                (Path(tmp) / rel).write_bytes(storage.read_bytes(uri))
+            processor = _load(tmp)
     else:
         local = storage.to_local_path(ref)
         processor = _load(str(local) if local.exists() else ref)
@@ -441,6 +451,22 @@ class Rejects:
 # The step.
 
 
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity, capped by a cgroup v2 CPU quota (Kubernetes/Vertex limits),
+    so a pod limited to 2 CPUs on a 64-core node starts 2 workers, not 64."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
     chunk = []
     for row in rows:
@@ -543,7 +569,7 @@ def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: 
     token_cache: dict[tuple[int, int], int | None] = {}
     counts = collections.Counter()
 
-    workers = (os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+    workers = available_cpus() if cfg.num_workers is None else cfg.num_workers
     chunk_rows = 8
     pool = None
     if workers > 0:
