@@ -148,3 +148,25 @@ def test_latest_complete_checkpoint_ignores_folders_without_marker(tmp_path):
     assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     assert latest_complete_checkpoint(str(tmp_path / "nothing-here")) is None
     assert latest_complete_checkpoint(None) is None
+
+
+def test_dpo_resumes_from_the_latest_complete_checkpoint(tmp_path, prepared_preference, sft_model_dir):
+    import shutil
+
+    from components.common.config import build_config
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    config = build_config(DPOStepConfig, {**TINY_TRAINING, "max_steps": 4, "save_steps": 2, "learning_rate": 5e-2})
+    full = run(config, str(prepared_preference), str(sft_model_dir), str(tmp_path / "full"), str(tmp_path / "ckpt-full"))
+    assert full["metrics"]["resumed_from"] is None
+    # A preempted run's checkpoint store: checkpoint-2 complete, checkpoint-4 half-written (no marker).
+    shutil.copytree(tmp_path / "ckpt-full" / "checkpoint-2", tmp_path / "ckpt" / "checkpoint-2")
+    shutil.copytree(tmp_path / "ckpt-full" / "checkpoint-4", tmp_path / "ckpt" / "checkpoint-4")
+    (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").unlink()
+    resumed = run(config, str(prepared_preference), str(sft_model_dir), str(tmp_path / "resumed"), str(tmp_path / "ckpt"))
+    assert resumed["metrics"]["resumed_from"] == "checkpoint-2"
+    assert resumed["metrics"]["global_steps"] == full["metrics"]["global_steps"] == 4
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "resumed"))
+    assert set(a) == set(b) and all(a[k].allclose(b[k], atol=1e-6) for k in a)
+    assert (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").exists()  # re-saved, marker last

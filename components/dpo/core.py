@@ -122,6 +122,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         metrics.update({
             "pairs_over_token_budget": dropped,
+            "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None,
             "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
         })
