@@ -11,5 +11,7 @@ def prepare_data(source: str, task: str, processor: str, config: dict, dataset: 
 
     settings = build_config(PrepareDataConfig, {**config, "task": task, "processor": processor or None})
     manifest = run(settings, source, dataset.path)
-    dataset.metadata.update({"task": task, "content_hash": manifest.get("content_hash"),
-                             "rows": {s: v.get("rows") for s, v in manifest.get("splits", {}).items()}})
+    # Strings only: kfp.local's cache key includes input-artifact metadata, and a number read back from the
+    # cache as 119.0 instead of 119 would make every downstream step miss the cache.
+    dataset.metadata.update({"task": task, "content_hash": str(manifest.get("content_hash")),
+                             **{f"{s}_rows": str(v.get("rows")) for s, v in manifest.get("splits", {}).items()}})
