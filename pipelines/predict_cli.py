@@ -11,7 +11,8 @@ reference [REGISTRY::]NAME@VERSION|ALIAS (REGISTRY defaults to --registry, then 
 Batch file: one JSON object per line, {"id": ..., "question": ..., "image": "a.png"} or "images": [...];
 relative image paths are taken from the batch file's folder; "id" defaults to the line number. Output: one
 JSON line per input row, in order: {"id", "question", "images", "answer"} (to --output, else stdout).
-Every input is checked before the model is loaded; a bad input exits with status 2 and says which.
+Inputs are checked before the model is loaded (images and the video are decoded, batch lines parsed and their
+image files found); a bad input exits with status 2 and says which file, line or option.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def _check_args(args, options: GenerationOptions) -> list[str]:
 
 def _cmd_predict(args) -> int:
     from components.predict.api import BatchFileError, Predictor, load_image, read_batch_file
+    from components.predict.video import sample_frames
     from components.register.registry import RegistryError
 
     options = generation_options(args)
@@ -91,15 +93,16 @@ def _cmd_predict(args) -> int:
     if problems:
         print("error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    # Read every input before loading the model: a typo should cost a second, not a model download.
+    # Read the inputs before loading the model: a typo should cost a second, not a model download. Video frames
+    # are decoded here too, so only the chosen frames stay in memory.
     try:
         if args.image:
             images = [load_image(path) for path in args.image]
         elif args.batch:
             rows = read_batch_file(args.batch)
-        elif not Path(args.video).is_file():
-            raise FileNotFoundError(f"video file {args.video!r} does not exist")
-    except (FileNotFoundError, BatchFileError, ValueError) as e:
+        else:
+            frames = sample_frames(args.video, args.frames)
+    except (FileNotFoundError, BatchFileError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -122,11 +125,11 @@ def _cmd_predict(args) -> int:
         if args.image:
             print(predictor.ask(args.question or DEFAULT_IMAGE_QUESTION, images, options))
         elif args.video:
-            print(predictor.ask_video(args.question or DEFAULT_VIDEO_QUESTION, args.video, args.frames, options,
-                                      split_frames=args.split_frames))
+            print(predictor.ask_frames(args.question or DEFAULT_VIDEO_QUESTION, frames, options,
+                                       split_frames=args.split_frames))
         else:
             _answer_batch(predictor, rows, args, options)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # unreadable image or video found while answering
+    except (FileNotFoundError, ValueError) as e:  # a batch image that exists but cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -186,6 +186,7 @@ def test_predict_video_uses_n_frames_in_order(capsys, tmp_path, tiny, tiny_model
     assert [part["type"] for part in call["conversations"][0][0]["content"]] == ["image"] * 5 + ["text"]
     assert call["processor_kwargs"] == {"do_image_splitting": False}  # one tile per frame
     assert out.strip() == direct(tiny, "What changes?", frames, processor_kwargs={"do_image_splitting": False})
+    assert tiny.ask_video("What changes?", video, frames=5, options=OPTIONS) == out.strip()
 
 
 def test_video_frames_are_one_tile_each(tiny, tmp_path):
@@ -307,6 +308,10 @@ def test_bad_inputs_are_named(capsys, tmp_path, demo_rows):
     assert f"line 5: image file '{tmp_path / 'nowhere.png'}' does not exist" in err
     rc, _, err = run_cli(capsys, "--model", model, "--video", tmp_path / "none.mp4")
     assert rc == 2 and "none.mp4' does not exist" in err
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 20)
+    rc, _, err = run_cli(capsys, "--model", model, "--video", junk)
+    assert rc == 2 and ("cannot decode video" in err or "install PyAV" in err)
     rc, _, err = run_cli(capsys, "--model", model, "--image", demo_rows[0][2], "--max-new-tokens", 0,
                          "--do-sample", "--temperature", 0, "--top-p", 1.5)
     assert rc == 2

@@ -280,10 +280,20 @@ class Predictor:
         split_frames: bool = False,
     ) -> str:
         """The answer to ``question`` about ``frames`` evenly spaced frames of the video, in temporal order,
-        given as that many images in one prompt. ``split_frames`` tiles each frame like a still image
-        (many more tokens per frame)."""
+        given as that many images in one prompt (fewer if the video has fewer frames)."""
         from components.predict.video import sample_frames
 
-        images = sample_frames(video_path, frames)
+        return self.ask_frames(question, sample_frames(video_path, frames), options, split_frames)
+
+    def ask_frames(
+        self,
+        question: str,
+        frames: Sequence[Image.Image],
+        options: GenerationOptions | None = None,
+        split_frames: bool = False,
+    ) -> str:
+        """The answer to ``question`` about video ``frames`` (in temporal order). Each frame is one tile unless
+        ``split_frames`` tiles it like a still image (many more tokens per frame)."""
+        images = [load_image(frame) for frame in frames]
         kwargs = None if split_frames else {"do_image_splitting": False}
         return self._generate([conversation(question, len(images))], [images], 1, options, processor_kwargs=kwargs)[0]
