@@ -27,6 +27,7 @@ OPTIONAL_COMMANDS = {  # modules that add their own sub-commands via register_cl
     "pipelines.submit": "submit",
     "pipelines.schedule": "schedule",
     "pipelines.predict_cli": "predict",
+    "components.register.cli": "registry",
 }
 
 
@@ -88,6 +89,8 @@ def _cmd_compile(args) -> int:
     from pipelines.compile import compile_pipeline, target_settings
 
     overrides = {k: v for k, v in {"registry_prefix": args.registry_prefix, "image_tag": args.image_tag}.items() if v}
+    if args.scheduled:
+        overrides["skip_unchanged_data"] = True
     path = compile_pipeline(args.target, args.output, target_settings(args.target, args.settings, overrides))
     print(f"{args.target} pipeline spec written to {path}")
     return 0
@@ -117,6 +120,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", help="Pipeline settings YAML (default: pipelines/configs/<target>.yaml).")
     p.add_argument("--registry-prefix", help="Image registry prefix, e.g. us-central1-docker.pkg.dev/PROJECT/vlmtune")
     p.add_argument("--image-tag")
+    p.add_argument("--scheduled", action="store_true", help="The retraining variant: skip training when the data equals the champion's.")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("tiny-model", help="Write the tiny SmolVLM-architecture model (the embedded default base).")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional  # no `from __future__ import annotations`: kfp reads real annotations
 
 from kfp import dsl
+from kfp.dsl import Dataset, Input
 
 from components.dpo.component import dpo
 from components.evaluate.component import evaluate
@@ -40,6 +41,8 @@ class PipelineSettings:
     image_tag: str = "latest"
     gpu_images: bool = True
     caching: bool = True
+    #: Scheduled retraining: stop after data preparation when the data equals the champion's training data.
+    skip_unchanged_data: bool = False
     resources: dict[str, StepResources] = field(default_factory=dict)
     #: Called as task_hook(task, step) after the generic settings, for target-specific task config that has no
     #: place in the spec both targets share (pipelines.compile installs kfp-kubernetes node selectors,
@@ -60,6 +63,16 @@ class PipelineSettings:
         if unknown_steps:
             raise ValueError(f"resources for unknown steps {sorted(unknown_steps)}; steps are {STEPS}")
         return cls(**values, resources=resources)
+
+
+def data_changed_since_champion(dataset: Input[Dataset], registry: str, registry_name: str) -> bool:
+    """True when the prepared data differs from what the registry's champion was trained on."""
+    from components.common import artifacts
+    from components.common.snapshots import champion_lineage, should_train
+
+    train, reason = should_train(artifacts.read_manifest(dataset.path), champion_lineage(registry, registry_name))
+    print(reason)
+    return bool(train)
 
 
 def build_components(settings: PipelineSettings) -> dict:
@@ -93,6 +106,58 @@ def build_pipeline(settings: PipelineSettings | None = None):
     settings = settings or PipelineSettings()
     ops = build_components(settings)
 
+    def train_evaluate_register(sft_data, pref_data, base_model, registry, registry_name, sft_config, dpo_config,
+                                eval_config, sft_checkpoint_uri, dpo_checkpoint_uri):
+        sft_task = _configure(ops["sft"](dataset=sft_data.outputs["dataset"], base_model=base_model, config=sft_config,
+                                         checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT (QLoRA)")
+        dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
+                                         config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
+        eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
+                                               dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
+                                               registry_name=registry_name), "evaluate", settings, "evaluate")
+        # Gate on evaluate's single bool return value: kfp.local skips a dsl.If on a float compared with an
+        # int literal, and cannot resolve a named NamedTuple output, in both cases silently (see PITFALLS).
+        with dsl.If(eval_task.outputs["Output"] == True, name="passed-gate"):  # noqa: E712
+            _configure(ops["register"](model=dpo_task.outputs["model"], evaluation=eval_task.outputs["evaluation"],
+                                       dataset=sft_data.outputs["dataset"], registry=registry, name=registry_name),
+                       "register", settings, "register")
+        return eval_task, dpo_task
+
+    def prepare(sft_source, preference_source, base_model, prepare_config):
+        sft_data = _configure(ops["prepare_data"](source=sft_source, task="sft", processor=base_model, config=prepare_config),
+                              "prepare_data", settings, "prepare SFT data")
+        pref_data = _configure(ops["prepare_data"](source=preference_source, task="preference", processor=base_model, config=prepare_config),
+                               "prepare_data", settings, "prepare preference data")
+        return sft_data, pref_data
+
+    if settings.skip_unchanged_data:
+        # The scheduled-retraining shape: stop after data preparation when the data is what the champion was
+        # trained on. Its steps sit under a condition, so this variant has no pipeline outputs.
+        data_check = dsl.component(data_changed_since_champion, base_image=settings.image("register"), install_kfp_package=False)
+
+        @dsl.pipeline(name=PIPELINE_NAME, description="Scheduled retraining of a SmolVLM/Idefics3 model, skipped when the data is unchanged.")
+        def vlmtune_scheduled_pipeline(
+            sft_source: str,
+            preference_source: str,
+            base_model: str,
+            registry: str,
+            registry_name: str = "vlmtune-model",
+            prepare_config: dict = {},
+            sft_config: dict = {},
+            dpo_config: dict = {},
+            eval_config: dict = {},
+            sft_checkpoint_uri: str = "",
+            dpo_checkpoint_uri: str = "",
+        ):
+            sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config)
+            check = _configure(data_check(dataset=sft_data.outputs["dataset"], registry=registry, registry_name=registry_name),
+                               "register", settings, "new data?")
+            with dsl.If(check.output == True, name="new-data"):  # noqa: E712
+                train_evaluate_register(sft_data, pref_data, base_model, registry, registry_name, sft_config, dpo_config,
+                                        eval_config, sft_checkpoint_uri, dpo_checkpoint_uri)
+
+        return vlmtune_scheduled_pipeline
+
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a SmolVLM/Idefics3 model: QLoRA SFT, DPO, gated registration.")
     def vlmtune_pipeline(
         sft_source: str,
@@ -107,23 +172,9 @@ def build_pipeline(settings: PipelineSettings | None = None):
         sft_checkpoint_uri: str = "",
         dpo_checkpoint_uri: str = "",
     ) -> NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model):
-        sft_data = _configure(ops["prepare_data"](source=sft_source, task="sft", processor=base_model, config=prepare_config),
-                              "prepare_data", settings, "prepare SFT data")
-        pref_data = _configure(ops["prepare_data"](source=preference_source, task="preference", processor=base_model, config=prepare_config),
-                               "prepare_data", settings, "prepare preference data")
-        sft_task = _configure(ops["sft"](dataset=sft_data.outputs["dataset"], base_model=base_model, config=sft_config,
-                                         checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT (QLoRA)")
-        dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
-                                         config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
-        eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
-                                               dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
-                                               registry_name=registry_name), "evaluate", settings, "evaluate")
-        # Gate on evaluate's single bool return value: kfp.local skips a dsl.If on a float compared with an
-        # int literal, and cannot resolve a named NamedTuple output, in both cases silently (see PITFALLS).
-        with dsl.If(eval_task.outputs["Output"] == True, name="passed-gate"):  # noqa: E712
-            _configure(ops["register"](model=dpo_task.outputs["model"], evaluation=eval_task.outputs["evaluation"],
-                                       dataset=sft_data.outputs["dataset"], registry=registry, name=registry_name),
-                       "register", settings, "register")
+        sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config)
+        eval_task, dpo_task = train_evaluate_register(sft_data, pref_data, base_model, registry, registry_name, sft_config,
+                                                      dpo_config, eval_config, sft_checkpoint_uri, dpo_checkpoint_uri)
         outputs = NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model)
         return outputs(evaluation=eval_task.outputs["evaluation"], model=dpo_task.outputs["model"])
 

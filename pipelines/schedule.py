@@ -201,7 +201,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
         cron = vertex_cron(args.cron, args.time_zone) if args.target == "vertex" else kubeflow_cron(args.cron, args.time_zone)
     except CronError as e:
         raise SubmitError(str(e)) from e
-    with pipeline_template(args.target, args.template, args.settings, args.registry_prefix, args.image_tag) as template:
+    with pipeline_template(args.target, args.template, args.settings, args.registry_prefix, args.image_tag,
+                           scheduled=True) as template:
         options, params = checked_inputs(args, template, scheduled=True)
         if args.dry_run:
             import yaml

@@ -224,9 +224,10 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def pipeline_template(target: str, template: str | None = None, settings_file: str | None = None,
-                      registry_prefix: str | None = None, image_tag: str | None = None) -> Iterator[Path]:
+                      registry_prefix: str | None = None, image_tag: str | None = None,
+                      scheduled: bool = False) -> Iterator[Path]:
     """The spec to submit: ``template`` as given, or compiled for ``target`` into a temporary folder that is
-    removed afterwards."""
+    removed afterwards. ``scheduled`` compiles the retraining variant that skips training on unchanged data."""
     if template:
         path = Path(template)
         if not path.is_file():
@@ -240,6 +241,8 @@ def pipeline_template(target: str, template: str | None = None, settings_file: s
     from pipelines.compile import compile_pipeline, target_settings
 
     overrides = {k: v for k, v in {"registry_prefix": registry_prefix, "image_tag": image_tag}.items() if v}
+    if scheduled:
+        overrides["skip_unchanged_data"] = True
     with tempfile.TemporaryDirectory(prefix="vlmtune-submit-") as tmp:
         yield compile_pipeline(target, Path(tmp) / f"vlmtune-{target}.yaml", target_settings(target, settings_file, overrides))
 

@@ -86,7 +86,7 @@ def check_outputs(uris: dict[str, str]) -> dict:
     """Every artifact complete (manifest written last) and readable from gs://; returns what identifies them."""
     from components.common import artifacts, storage
     from components.register.registry import open_registry
-    from pipelines.snapshots import should_train
+    from components.common.snapshots import should_train
 
     data_manifest = artifacts.read_manifest(uris["dataset"])
     model_manifest = artifacts.read_manifest(uris["sft"])

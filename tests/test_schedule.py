@@ -148,7 +148,7 @@ def _touch(path, text="x"):
 
 
 def test_date_placeholder_picks_the_newest_complete_day(tmp_path):
-    from pipelines.snapshots import SnapshotError, resolve_snapshot
+    from components.common.snapshots import SnapshotError, resolve_snapshot
 
     today = dt.date(2026, 11, 29)
     _touch(tmp_path / "exports" / "2026-11-20" / "sft" / "rows.jsonl")
@@ -169,7 +169,7 @@ def test_date_placeholder_picks_the_newest_complete_day(tmp_path):
 
 
 def test_latest_pointer_absolute_and_relative(tmp_path):
-    from pipelines.snapshots import SnapshotError, resolve_snapshot
+    from components.common.snapshots import SnapshotError, resolve_snapshot
 
     _touch(tmp_path / "LATEST", "snapshots/2026-11-28\n")
     assert resolve_snapshot(str(tmp_path / "LATEST")) == str(tmp_path / "snapshots" / "2026-11-28")
@@ -188,7 +188,7 @@ def test_latest_pointer_absolute_and_relative(tmp_path):
 @pytest.mark.gcs
 def test_snapshots_resolve_on_gs(gcs_bucket):
     from components.common import storage
-    from pipelines.snapshots import resolve_snapshot
+    from components.common.snapshots import resolve_snapshot
 
     root = f"gs://{gcs_bucket}/exports"
     storage.write_text(f"{root}/2026-11-26/sft/rows.jsonl", "{}")
@@ -199,7 +199,7 @@ def test_snapshots_resolve_on_gs(gcs_bucket):
 
 
 def test_should_train():
-    from pipelines.snapshots import should_train
+    from components.common.snapshots import should_train
 
     manifest = {"content_hash": "abc123"}
     assert should_train(manifest, None) == (True, "no champion yet: train")
@@ -213,7 +213,7 @@ def test_should_train():
 
 def test_champion_lineage_from_a_local_registry(tmp_path):
     from components.register.registry import open_registry
-    from pipelines.snapshots import champion_lineage
+    from components.common.snapshots import champion_lineage
 
     registry = str(tmp_path / "registry")
     assert champion_lineage(registry, "tiny") is None

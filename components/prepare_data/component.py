@@ -6,12 +6,15 @@ from kfp.dsl import Dataset, Output
 
 def prepare_data(source: str, task: str, processor: str, config: dict, dataset: Output[Dataset]):
     from components.common.config import build_config
+    from components.common.snapshots import resolve_snapshot
     from components.prepare_data.config import PrepareDataConfig
     from components.prepare_data.core import run
 
     settings = build_config(PrepareDataConfig, {**config, "task": task, "processor": processor or None})
-    manifest = run(settings, source, dataset.path)
+    # A scheduled run names "the newest snapshot" ({date} placeholder or a LATEST pointer); resolve it now.
+    resolved = resolve_snapshot(source)
+    manifest = run(settings, resolved, dataset.path)
     # Strings only: kfp.local's cache key includes input-artifact metadata, and a number read back from the
     # cache as 119.0 instead of 119 would make every downstream step miss the cache.
-    dataset.metadata.update({"task": task, "content_hash": str(manifest.get("content_hash")),
+    dataset.metadata.update({"task": task, "source": resolved, "content_hash": str(manifest.get("content_hash")),
                              **{f"{s}_rows": str(v.get("rows")) for s, v in manifest.get("splits", {}).items()}})
