@@ -59,7 +59,9 @@ def filter_by_token_budget(dataset, collator: VisionSFTCollator, max_too_long_fr
 def write_training_outputs(out: Path, trainer, processor, config, metrics: dict, title: str) -> None:
     from components.common.training import plot_loss_curve
 
-    trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
+    # A PEFT model saves only its adapter (+ modules_to_save); a fully fine-tuned model saves all its weights.
+    trained_part = "adapter" if hasattr(trainer.model, "peft_config") else "model"
+    trainer.model.save_pretrained(out / trained_part, safe_serialization=True)
     processor.save_pretrained(out / "processor")
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -79,20 +81,79 @@ def merge_adapter_into_full_precision_base(out: Path, config) -> None:
     merged.save_pretrained(out / "merged", safe_serialization=True)
 
 
+class PaddingCounter:
+    """Wraps a collator and counts the tokens it hands the model: all positions vs real (attention) ones, so
+    the step reports how much of its compute went on padding."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.positions = 0
+        self.real = 0
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        self.positions += int(batch["input_ids"].numel())
+        self.real += int(batch["attention_mask"].sum())
+        return batch
+
+    def metrics(self) -> dict[str, float | None]:
+        return {"padded_tokens_per_real_token": (self.positions - self.real) / self.real if self.real else None}
+
+
+def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: str | None = None):
+    """TRL ``SFTConfig`` for our step: the device's precision/optimizer, length-grouped batches (the dataset
+    carries a ``length`` column), our own collator (TRL's dataset preparation is skipped), no truncation."""
+    from trl import SFTConfig
+
+    from components.common.modeling import device_settings
+    from components.common.training import use_gradient_checkpointing
+
+    settings = device_settings()
+    return SFTConfig(
+        output_dir=output_dir,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if checkpoint_uri else "no",
+        save_steps=config.save_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=settings.bf16,
+        optim=settings.optim,
+        gradient_checkpointing=use_gradient_checkpointing(config),
+        # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # budget enforced by dropping rows; truncation could cut an image
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from components.common.modeling import device_settings, load_processor
+    from components.common.modeling import load_processor
     from components.common.training import (
         fetch_checkpoint,
         keep_trainable_in_compute_dtype,
         load_trainable_model,
         make_checkpoint_callback,
         training_metrics,
-        use_gradient_checkpointing,
     )
     from components.prepare_data.core import load_split
 
@@ -108,42 +169,15 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         raise ValueError(f"{dataset_uri!r} has no train rows within the token budget; nothing to train on")
 
     model, peft_config = load_trainable_model(config)
-    settings = device_settings()
     with storage.local_output(output_uri) as out, tempfile.TemporaryDirectory(prefix="vlmtune-sft-") as work:
-        args = SFTConfig(
-            output_dir=work,
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-            lr_scheduler_type=config.lr_scheduler_type,
-            weight_decay=config.weight_decay,
-            logging_steps=config.logging_steps,
-            save_strategy="steps" if checkpoint_uri else "no",
-            save_steps=config.save_steps,
-            seed=config.seed,
-            data_seed=config.seed,
-            bf16=settings.bf16,
-            optim=settings.optim,
-            gradient_checkpointing=use_gradient_checkpointing(config),
-            train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-            length_column_name="length",
-            include_num_input_tokens_seen="non_padding",
-            remove_unused_columns=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-            max_length=None,  # budget enforced above by dropping rows; truncation could cut an image
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        args = training_arguments(config, work, checkpoint_uri)
+        counting = PaddingCounter(collator)
         checkpoints = make_checkpoint_callback(checkpoint_uri)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train,
-            data_collator=collator,
+            data_collator=counting,
             processing_class=processor,
             peft_config=peft_config,
             callbacks=[checkpoints, TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))],
@@ -153,12 +187,10 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         result = trainer.train(resume_from_checkpoint=resume_from)
         tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
         metrics = training_metrics(trainer, result, tokens_seen, train.num_rows, started)
-        metrics.update({"rows_over_token_budget": dropped, "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None})
+        metrics.update({"rows_over_token_budget": dropped, **counting.metrics(), "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None})
         write_training_outputs(out, trainer, processor, config, metrics, "SFT")
         if config.merge_adapter and peft_config is not None:
             merge_adapter_into_full_precision_base(out, config)
-        if peft_config is None:
-            trainer.model.save_pretrained(out / "model", safe_serialization=True)
         files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()]
         manifest = {
             "kind": MODEL_KIND,
