@@ -173,7 +173,7 @@ def test_kubeflow_spec_carries_gpu_settings(compiled):
     # The hub token: secret name and key only, for every step but register.
     for name in GPU_EXECUTORS | {"exec-prepare-data", "exec-prepare-data-2"}:
         (secret,) = executors[name]["secretAsEnv"]
-        assert secret["secretName"] == "hf-token" and secret["optional"] is True
+        assert secret["secretName"] == "vlmtune-hub-token" and secret["optional"] is True
         assert secret["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
     assert "secretAsEnv" not in executors.get("exec-register", {})
     assert "hf_" not in yaml.safe_dump(docs)
