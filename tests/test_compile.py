@@ -174,7 +174,7 @@ def test_kubeflow_spec_carries_gpu_settings(compiled):
     for name in GPU_EXECUTORS | {"exec-prepare-data", "exec-prepare-data-2"}:
         (secret,) = executors[name]["secretAsEnv"]
         assert secret["secretName"] == "vlmtune-hub-token" and secret["optional"] is True
-        assert secret["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
+        assert secret["keyToEnv"] == [{"secretKey": "HF_TOKEN", "envVar": "HF_TOKEN"}]
     assert "secretAsEnv" not in executors.get("exec-register", {})
     assert "hf_" not in yaml.safe_dump(docs)
 
