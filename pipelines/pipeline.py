@@ -112,7 +112,8 @@ def build_pipeline(settings: PipelineSettings | None = None):
                                          checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT (QLoRA)")
         dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
                                          config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
-        eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
+        eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], preference_dataset=pref_data.outputs["dataset"],
+                                               sft_model=sft_task.outputs["model"],
                                                dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
                                                registry_name=registry_name), "evaluate", settings, "evaluate")
         # Gate on evaluate's single bool return value: kfp.local skips a dsl.If on a float compared with an

@@ -22,6 +22,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", help="Base model to compare with (default: the candidate's base).")
     parser.add_argument("--registry", help="Registry whose champion is also scored.")
     parser.add_argument("--registry-name", help="Model name in the registry.")
+    parser.add_argument("--preference-dataset", help="Prepared preference dataset: adds DPO reward accuracy/margin on its eval pairs.")
     add_config_arguments(parser, EvaluateConfig)
     return parser
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--model {item!r} must be NAME=URI, e.g. --model sft=./models/sft")
             models[name] = uri
         manifest = run(config_from_args(args, EvaluateConfig), args.dataset, models, args.output,
-                       base_model=args.base_model, registry=args.registry, registry_name=args.registry_name)
+                       base_model=args.base_model, registry=args.registry, registry_name=args.registry_name,
+                       preference_uri=args.preference_dataset)
         print(json.dumps({k: manifest[k] for k in ("passed", "reasons", "metrics")}, indent=2))
 
     return run_main(body)

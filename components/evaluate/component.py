@@ -6,7 +6,7 @@ task's `Output` but not on a named output of a NamedTuple, so a single bool is w
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def evaluate(dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[Model], config: dict,
+def evaluate(dataset: Input[Dataset], preference_dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[Model], config: dict,
              registry: str, registry_name: str, evaluation: Output[Artifact], metrics: Output[Metrics],
              report_html: Output[HTML], report_md: Output[Markdown]) -> bool:
     import shutil
@@ -16,7 +16,8 @@ def evaluate(dataset: Input[Dataset], sft_model: Input[Model], dpo_model: Input[
 
     settings = build_config(EvaluateConfig, dict(config))
     manifest = run(settings, dataset.path, {"sft": sft_model.path, "dpo": dpo_model.path}, evaluation.path,
-                   registry=registry or None, registry_name=registry_name or None)
+                   registry=registry or None, registry_name=registry_name or None,
+                   preference_uri=preference_dataset.path)
     shutil.copyfile(f"{evaluation.path}/report.html", report_html.path)
     shutil.copyfile(f"{evaluation.path}/report.md", report_md.path)
     for key, value in manifest["metrics"].items():

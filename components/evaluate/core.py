@@ -54,8 +54,12 @@ def run(
     base_model: str | None = None,
     registry: str | None = None,
     registry_name: str | None = None,
+    preference_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``models`` (stage name -> model URI, in training order; the last is the candidate)."""
+    """Evaluate ``models`` (stage name -> model URI, in training order; the last is the candidate).
+
+    With ``preference_uri`` (a prepared preference dataset) and a DPO candidate, also reports DPO's reward
+    accuracy and margin on its held-out pairs, the DPO model scored against the stage before it."""
     from components.common.generation import GenerationOptions, generate_answers
     from components.common.modeling import load_for_inference
     from components.evaluate.report import write_report
@@ -118,13 +122,20 @@ def run(
         "by_model": results,
         **{f"{name}_accuracy": score for name, score in scores.items()},
     }
+    if preference_uri and len(models) >= 2 and manifests[candidate].get("stage") == "dpo":
+        reference = list(models)[-2]
+        beta = float((manifests[candidate].get("config") or {}).get("beta", 0.1))
+        metrics["preference"] = preference_metrics(models[candidate], models[reference], preference_uri, beta,
+                                                   config.max_rows, config.trust_remote_code)
+        metrics["preference"].update({"policy": candidate, "reference": reference, "beta": beta})
     with storage.local_output(output_uri) as out:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         with open(out / "predictions.jsonl", "w") as f:
             for i, row in enumerate(eval_rows):
                 f.write(json.dumps({"id": row["id"], "category": categories[i], "references": references[i],
                                     **{name: predictions[name][i] for name in to_score}}) + "\n")
-        write_report(out, config, eval_rows, predictions, references, results, scores, candidate, passed, reasons)
+        write_report(out, config, eval_rows, predictions, references, results, scores, candidate, passed, reasons,
+                     metrics.get("preference"))
     return artifacts.write_manifest(output_uri, {
         "kind": EVAL_KIND,
         "passed": passed,
@@ -134,8 +145,60 @@ def run(
         "candidate_uri": models[candidate],
         "models": to_score,
         "champion": {"version": champion.version, "model_uri": champion.model_uri} if champion else None,
-        "metrics": {**{f"{name}_{config.metric}": s for name, s in scores.items()}, config.metric: scores[candidate]},
+        "metrics": {**{f"{name}_{config.metric}": s for name, s in scores.items()}, config.metric: scores[candidate],
+                    **({f"dpo_{k}": v for k, v in metrics["preference"].items() if k in ("reward_accuracy", "reward_margin")}
+                       if "preference" in metrics else {})},
         "dataset": {"uri": dataset_uri, "content_hash": dataset_manifest.get("content_hash")},
         "config": to_dict(config),
         "seconds": time.time() - started,
     })
+
+
+def completion_logprobs(model, processor, rows, answer_key: str, batch_size: int = 8) -> list[float]:
+    """Sum of log-probabilities of each row's ``answer_key`` turn given its prompt and images.
+
+    The same assistant-only mask as SFT picks the scored tokens, so prompt, image and padding tokens never count.
+    """
+    import torch
+
+    from components.sft.masking import IGNORE_INDEX, VisionSFTCollator
+
+    collator = VisionSFTCollator(processor)
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = collator([{"messages": list(r["prompt"]) + list(r[answer_key]), "images": r["images"]} for r in chunk])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with torch.inference_mode():
+            logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.extend((logps * mask).sum(-1).tolist())
+    return out
+
+
+def preference_metrics(policy_ref: str, reference_ref: str, preference_uri: str, beta: float, max_rows: int = 0,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+    """DPO's implicit-reward accuracy and margin of ``policy_ref`` against ``reference_ref`` on held-out pairs."""
+    from components.common.modeling import load_for_inference
+    from components.evaluate.metrics import preference_reward_stats
+    from components.prepare_data.core import load_split
+
+    manifest = artifacts.read_manifest(preference_uri, kind=DATASET_KIND)
+    if manifest.get("task") != "preference":
+        raise ValueError(f"{preference_uri!r} is a {manifest.get('task')!r} dataset; reward metrics need --task preference")
+    pairs = load_split(preference_uri, "eval")
+    if max_rows:
+        pairs = pairs.select(range(min(max_rows, pairs.num_rows)))
+    rows = [pairs[i] for i in range(pairs.num_rows)]
+    logps = {}
+    for name, ref in (("policy", policy_ref), ("reference", reference_ref)):
+        model, processor = load_for_inference(ref, trust_remote_code=trust_remote_code)
+        logps[name] = {k: completion_logprobs(model, processor, rows, k) for k in ("chosen", "rejected")}
+        del model
+    chosen = [p - r for p, r in zip(logps["policy"]["chosen"], logps["reference"]["chosen"])]
+    rejected = [p - r for p, r in zip(logps["policy"]["rejected"], logps["reference"]["rejected"])]
+    return preference_reward_stats(chosen, rejected, beta)

@@ -58,7 +58,8 @@ def pick_samples(predictions, references, candidate: str, n: int) -> list[tuple[
     return [(i, tag) for _, i, tag in (wins + losses + rest)[:n]]
 
 
-def write_report(out: Path, config, rows, predictions, references, results, scores, candidate, passed, reasons) -> None:
+def write_report(out: Path, config, rows, predictions, references, results, scores, candidate, passed, reasons,
+                 preference: dict | None = None) -> None:
     metric = config.metric
     _plot(scores, metric, out / "scores.png")
     names = list(scores)
@@ -77,6 +78,12 @@ def write_report(out: Path, config, rows, predictions, references, results, scor
         md += ["", f"## {metric} by category", "", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for cat in categories:
             md.append(f"| {cat} | " + " | ".join(f"{results[n][metric]['per_category'].get(cat, {}).get('score', 0):.3f}" for n in names) + " |")
+    pref_lines = []
+    if preference:
+        pref_lines = [f"{preference['policy']} vs {preference['reference']} on {preference['n']} held-out preference pairs "
+                      f"(beta {preference['beta']}): reward accuracy **{preference['reward_accuracy']:.3f}**, "
+                      f"mean reward margin **{preference['reward_margin']:+.4f}**"]
+        md += ["", "## Preference pairs (DPO implicit reward)", ""] + pref_lines
     md += ["", "## Gate", ""] + [f"- {r}" for r in reasons] + ["", "![scores](scores.png)", "", "## Examples (wins and losses first)", "",
            "| image | question | reference | " + " | ".join(names) + " | |", "|---|---|---|" + "---|" * (len(names) + 1)]
 
@@ -108,6 +115,7 @@ tr.win{{background:#e8f6ec}}tr.loss{{background:#fbeaea}}</style></head><body>
 <h1>Evaluation: {'PASSED' if passed else 'NOT PASSED'}</h1>
 <p>Candidate <b>{html.escape(candidate)}</b>, primary metric <b>{metric}</b>, {len(references)} held-out rows.</p>
 <table><tr><th>model</th>{''.join(f'<th>{m}</th>' for m in sorted(METRICS))}<th>Δ {metric} vs base</th></tr>{table}</table>
+{''.join(f'<h2>Preference pairs (DPO implicit reward)</h2><p>{html.escape(line)}</p>' for line in pref_lines)}
 <h2>Gate</h2><ul>{''.join(f'<li>{html.escape(r)}</li>' for r in reasons)}</ul>
 <img src="data:image/png;base64,{plot_b64}">
 <h2>Examples (wins and losses first)</h2>
