@@ -350,3 +350,9 @@ def test_wrong_column_mapping_names_the_column_and_stops_early(tmp_path, monkeyp
         core.run(cfg(), str(src), str(tmp_path / "out"))
     m = core.run(cfg(question_column="query"), str(src), str(tmp_path / "out"))
     assert m["counts"]["rows_out"] == 12
+
+
+def test_in_process_run_leaves_pillow_guard_as_it_was(nasty):
+    # The nasty run used max_image_pixels=100_000 in-process; other code in this interpreter keeps Pillow's default.
+    assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > 1_000_000
+    Image.open(io.BytesIO(png(Image.new("L", (1000, 1000))))).load()

@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except core.TooManyInvalidRowsError as e:
         print(f"prepare-data: {e}\nNo manifest was written to {args.output!r}.", file=sys.stderr)
         return 3
-    except (SourceError, FileNotFoundError, StorageError, IncompleteArtifactError) as e:
+    except (SourceError, FileNotFoundError) as e:
         print(f"prepare-data: cannot read --source {args.source!r}: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, IncompleteArtifactError) as e:
+        print(f"prepare-data: storage error (--source {args.source!r}, --output {args.output!r}): {e}", file=sys.stderr)
         return 2
     print(summarize(manifest))
     print(f"dataset written to {args.output} (manifest.json, content hash {manifest['content_hash'][:12]})")

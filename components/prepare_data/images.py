@@ -137,10 +137,20 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
 
     Bytes go through untouched when nothing needs changing (RGB, upright, small enough, target format).
     """
+    # Pillow's own bomb guard is a process-wide global: set it for this image only, so an in-process run
+    # (num_workers=0) does not leave a strict limit behind for other code in the same interpreter.
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels
+    try:
+        return _process_image(data, settings)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     if not data:
         raise ImageRejected("empty_file", "zero bytes")
     source_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
-    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # Pillow's own guard, beyond ours below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
