@@ -756,25 +756,28 @@ def load_split(dataset_uri: str, split: str, *, cache_dir: str | None = None):
     if split not in manifest["splits"]:
         raise ValueError(f"{dataset_uri!r} has splits {sorted(manifest['splits'])}, not {split!r}")
     files = [storage.join(dataset_uri, f) for f in manifest["splits"][split]["files"]]
+    features = dataset_features(manifest["task"])
+
+    def load(local_files: list[str]):
+        return datasets.load_dataset("parquet", data_files={split: local_files}, split=split, features=features,
+                                     cache_dir=cache_dir)
+
     if storage.is_remote(dataset_uri):
         import tempfile
 
-        local_dir = Path(tempfile.mkdtemp(prefix="vlmtune-dataset-"))
-        local_files = []
-        for i, uri in enumerate(files):
-            target = local_dir / f"{i:05d}.parquet"
-            target.write_bytes(storage.read_bytes(uri))
-            local_files.append(str(target))
-        files = local_files
-    else:
-        files = [str(storage.to_local_path(f)) for f in files]
-        missing = [f for f in files if not Path(f).exists()]
-        if missing:
-            raise artifacts.IncompleteArtifactError(
-                f"{dataset_uri!r}: its manifest lists {missing[0]!r}, which is missing. The folder was modified "
-                f"after prepare-data finished; re-run prepare-data."
-            )
-    return datasets.load_dataset(
-        "parquet", data_files={split: files}, split=split, features=dataset_features(manifest["task"]),
-        cache_dir=cache_dir,
-    )
+        # load_dataset copies the rows into its own Arrow cache, so the downloaded shards can go right after.
+        with tempfile.TemporaryDirectory(prefix="vlmtune-dataset-") as tmp:
+            local_files = []
+            for i, uri in enumerate(files):
+                target = Path(tmp) / f"{i:05d}.parquet"
+                target.write_bytes(storage.read_bytes(uri))
+                local_files.append(str(target))
+            return load(local_files)
+    files = [str(storage.to_local_path(f)) for f in files]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise artifacts.IncompleteArtifactError(
+            f"{dataset_uri!r}: its manifest lists {missing[0]!r}, which is missing. The folder was modified "
+            f"after prepare-data finished; re-run prepare-data."
+        )
+    return load(files)
