@@ -129,3 +129,25 @@ def test_processor_from_gs_folder_skips_weights(gcs_bucket, smolvlm_processor, t
     assert settings["size"] == {"longest_edge": 768}  # snapped down to whole 384 px tiles
     assert settings["image_seq_len"] == 81
     assert read and not any(uri.endswith(".safetensors") for uri in read)
+
+
+def test_demo_data_through_the_cli_with_the_shipped_config(tmp_path, capsys):
+    """The lead's demo generator + configs/prepare_data/demo*.yaml + a tiny-model-like processor, via the CLI."""
+    from components.common.demo_data import write_demo_data
+    from components.prepare_data import cli
+
+    demo = write_demo_data(tmp_path / "demo", rows=30, preference_rows=12)
+    processor = build_processor(tmp_path / "proc", 128, 64, 4)
+    configs = Path(__file__).parents[1] / "configs" / "prepare_data"
+    for task, config in (("sft", "demo.yaml"), ("preference", "demo_preference.yaml")):
+        rc = cli.main(["--source", str(demo / task), "--output", str(tmp_path / task), "--config", str(configs / config),
+                       "--processor", str(processor), "--no-progress", "--num-workers", "0"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        manifest = json.loads((tmp_path / task / "manifest.json").read_text())
+        n = 30 if task == "sft" else 12
+        assert manifest["task"] == task and manifest["counts"]["rows_out"] == n and manifest["rejects"] == {}
+        # 128 px demo images fit the 128 px processor size: stored byte for byte, 2x2 tiles + global image.
+        assert manifest["counts"]["images_passed_through"] == n
+        assert manifest["tokens_per_image"]["histogram"] == {str(imagelib.image_tokens(2, 2, 4, manifest["processor_settings"]["extra_split_newline_tokens"])): n}
+        assert f"prepared {n} of {n} rows" in out
