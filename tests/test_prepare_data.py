@@ -356,3 +356,14 @@ def test_in_process_run_leaves_pillow_guard_as_it_was(nasty):
     # The nasty run used max_image_pixels=100_000 in-process; other code in this interpreter keeps Pillow's default.
     assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > 1_000_000
     Image.open(io.BytesIO(png(Image.new("L", (1000, 1000))))).load()
+
+
+def test_same_id_with_different_content_is_rejected(tmp_path):
+    src = _good_source(tmp_path / "src", 3)
+    with open(src / "rows.jsonl", "a") as f:
+        f.write(json.dumps(sft_row("row-1", "images/2.png", answer="something else")) + "\n")
+        f.write(json.dumps(sft_row("row-1", "images/1.png", answer="answer 1")) + "\n")  # exact duplicate
+    m = core.run(cfg(max_invalid_fraction=0.5), str(src), str(tmp_path / "out"))
+    assert m["rejects"] == {"duplicate_id": {"count": 1, "examples": ["row-1"]},
+                            "duplicate": {"count": 1, "examples": ["row-1"]}}
+    assert read_rows(tmp_path / "out")["row-1"]["answers"] == ["answer 1"]  # the first one wins
