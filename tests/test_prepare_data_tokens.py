@@ -151,3 +151,14 @@ def test_demo_data_through_the_cli_with_the_shipped_config(tmp_path, capsys):
         assert manifest["counts"]["images_passed_through"] == n
         assert manifest["tokens_per_image"]["histogram"] == {str(imagelib.image_tokens(2, 2, 4, manifest["processor_settings"]["extra_split_newline_tokens"])): n}
         assert f"prepared {n} of {n} rows" in out
+
+
+def test_unavailable_processor_is_a_clear_config_error(source, tmp_path, monkeypatch, capsys):
+    from components.prepare_data import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = cli.main(["--source", str(source), "--output", str(tmp_path / "out"), "--processor", str(tmp_path / "no-model"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "processor" in err and "no-model" in err and "preprocessor_config.json" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
