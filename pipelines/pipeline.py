@@ -18,7 +18,7 @@ from components.evaluate.component import evaluate
 from components.prepare_data.component import prepare_data
 from components.register.component import register
 from components.sft.component import sft
-from pipelines.containers import image_for
+from pipelines.containers import default_registry_prefix, default_tag, image_for
 
 STEPS = ("prepare_data", "sft", "dpo", "evaluate", "register")
 PIPELINE_NAME = "vlmtune"
@@ -37,8 +37,9 @@ class StepResources:
 class PipelineSettings:
     """Everything that varies between targets but not between runs: images, hardware, retries, caching."""
 
-    registry_prefix: str = "localhost"
-    image_tag: str = "latest"
+    # The same defaults `vlmtune images build` tags with, so a local docker run finds the images just built.
+    registry_prefix: str = field(default_factory=default_registry_prefix)
+    image_tag: str = field(default_factory=default_tag)
     gpu_images: bool = True
     caching: bool = True
     #: Scheduled retraining: stop after data preparation when the data equals the champion's training data.
