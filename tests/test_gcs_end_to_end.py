@@ -20,7 +20,6 @@ pytestmark = pytest.mark.gcs
 
 #: Known leak, reported to the lead: components.prepare_data.core.load_split downloads a gs:// dataset's Parquet
 #: files into tempfile.mkdtemp(prefix="vlmtune-dataset-") and never removes it (once per sft/dpo/evaluate run).
-KNOWN_LEAK = "vlmtune-dataset-"
 
 
 def _vlmtune_temps() -> set[str]:
@@ -118,9 +117,7 @@ def check_outputs(uris: dict[str, str]) -> dict:
 
 def check_no_leftovers(before: set[str], where: Path) -> None:
     leftover = _vlmtune_temps() - before
-    if leftover and all(name.startswith(KNOWN_LEAK) for name in leftover):
-        pytest.xfail(f"known leak in load_split (step core): {sorted(leftover)} left in {where}")
-    assert leftover == set()
+    assert leftover == set(), f"temporary files left in {where}: {sorted(leftover)}"
 
 
 def test_prepare_sft_evaluate_register_all_on_gs(gcs_bucket, tmp_path, private_tmp):

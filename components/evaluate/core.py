@@ -63,7 +63,7 @@ def run(
     from components.common.generation import GenerationOptions, generate_answers
     from components.common.modeling import load_for_inference
     from components.evaluate.report import write_report
-    from components.prepare_data.core import load_split
+    from components.prepare_data.core import apply_processor_settings, load_split
 
     if not models:
         raise ValueError("evaluate needs at least one trained model (e.g. --model sft=URI)")
@@ -103,6 +103,8 @@ def run(
     for name, ref in to_score.items():
         t0 = time.time()
         model, processor = load_for_inference(ref, trust_remote_code=config.trust_remote_code)
+        # Resize images exactly as the dataset was prepared for, so token counts match training.
+        apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
         predictions[name] = generate_answers(model, processor, conversations, images, config.batch_size, options)
         elapsed = time.time() - t0
         del model
