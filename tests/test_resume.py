@@ -170,3 +170,32 @@ def test_dpo_resumes_from_the_latest_complete_checkpoint(tmp_path, prepared_pref
     a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "resumed"))
     assert set(a) == set(b) and all(a[k].allclose(b[k], atol=1e-6) for k in a)
     assert (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").exists()  # re-saved, marker last
+
+
+def test_two_processes_share_checkpoints_and_resume_exactly(tmp_path, prepared_sft, tiny_model_dir):
+    """Data parallel on one node (torchrun, gloo on CPU, as docs/multi_gpu.md describes): one artifact, written
+    by process 0; each checkpoint holds both processes' RNG states; a restart resumes to the same weights."""
+    output, checkpoints = tmp_path / "out", tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pipelines.cli", "sft", "--dataset", str(prepared_sft), "--output", str(output),
+               "--base-model", str(tiny_model_dir), "--checkpoint-uri", str(checkpoints)]
+    for key, value in {**TINY_TRAINING, "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2}.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**child_env(None), "ACCELERATE_USE_CPU": "true"}  # CPU processes use the gloo backend
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["metrics"]["global_steps"] == 4
+    history = json.loads((output / "log_history.json").read_text())
+    # 4 steps x 2 rows x 2 processes = 16 of the 40 train rows: the processes split the data, not repeat it.
+    assert history[-1]["epoch"] == pytest.approx(16 / manifest["metrics"]["train_rows"])
+    assert first.stderr.count(f"checkpoint {checkpoints}/checkpoint-4 published") == 1  # process 0 only
+    assert {p.name for p in (checkpoints / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    expected = load_file(output / "adapter" / "adapter_model.safetensors")
+
+    (checkpoints / "checkpoint-4" / "COMPLETE").unlink()  # as if preempted while uploading checkpoint-4
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((output / "manifest.json").read_text())["metrics"]["resumed_from"] == "checkpoint-2"
+    resumed = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert all(resumed[k].allclose(expected[k], atol=1e-6) for k in expected)

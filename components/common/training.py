@@ -2,11 +2,15 @@
 that survive preemption, and the metrics/plots every training step writes."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import resource
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -114,18 +118,46 @@ def latest_complete_checkpoint(checkpoint_uri: str | None) -> str | None:
 
 
 def fetch_checkpoint(checkpoint_uri: str | None, output_dir: Path) -> str | None:
-    """Copy the latest complete checkpoint into the trainer's output_dir; return its local path."""
+    """Copy the latest complete checkpoint into the trainer's output_dir; return its local path.
+
+    In a multi-process run the output_dir is shared (see ``trainer_work_dir``): process 0 downloads, the others
+    wait, and all resume from the same folder (each reads its own ``rng_state_<rank>.pth``)."""
     latest = latest_complete_checkpoint(checkpoint_uri)
+    dist = _distributed()
+    local = output_dir / latest.rstrip("/").split("/")[-1] if latest else None
+    if latest is not None and (dist is None or dist.get_rank() == 0):
+        if storage.is_remote(latest) or Path(storage.to_local_path(latest)).resolve() != local.resolve():
+            if local.exists():
+                shutil.rmtree(local)
+            storage.download_dir(latest, local)
+            (local / CHECKPOINT_MARKER).unlink(missing_ok=True)
+    if dist is not None:
+        dist.barrier()
     if latest is None:
         return None
-    local = output_dir / latest.rstrip("/").split("/")[-1]
-    if storage.is_remote(latest) or Path(storage.to_local_path(latest)).resolve() != local.resolve():
-        if local.exists():
-            shutil.rmtree(local)
-        storage.download_dir(latest, local)
-        (local / CHECKPOINT_MARKER).unlink(missing_ok=True)
     log.info("resuming from %s", latest)
     return str(local)
+
+
+@contextlib.contextmanager
+def trainer_work_dir(prefix: str, output_uri: str):
+    """The Trainer's local output_dir (checkpoints are written here, then published). A temporary folder; in a
+    multi-process run on one node, one folder shared by all processes, because each process writes its own
+    RNG state into the same checkpoint folder as process 0's weights and optimizer."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        with tempfile.TemporaryDirectory(prefix=prefix) as work:
+            yield work
+        return
+    run_key = "|".join([os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("MASTER_ADDR", ""),
+                        os.environ.get("MASTER_PORT", ""), str(output_uri)])
+    work = Path(tempfile.gettempdir()) / f"{prefix}{hashlib.sha256(run_key.encode()).hexdigest()[:16]}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield str(work)
+    finally:
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _distributed():

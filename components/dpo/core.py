@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from components.common import artifacts, storage
+from components.common import artifacts
 from components.common.config import to_dict
 from components.common.schema import DATASET_KIND, MODEL_KIND
 from components.dpo.config import DPOStepConfig
@@ -56,11 +55,18 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         keep_trainable_in_compute_dtype,
         load_trainable_model,
         make_checkpoint_callback,
+        trainer_work_dir,
         training_metrics,
         use_gradient_checkpointing,
     )
     from components.prepare_data.core import load_split
-    from components.sft.core import merge_adapter_into_full_precision_base, write_training_outputs
+    from components.sft.core import (
+        is_main_process,
+        merge_adapter_into_full_precision_base,
+        output_folder,
+        wait_for_everyone,
+        write_training_outputs,
+    )
 
     started = time.time()
     dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
@@ -82,7 +88,8 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     base, _ = load_trainable_model(config)
     model = PeftModel.from_pretrained(base, str(sft_local / "adapter"), is_trainable=True)
     settings = device_settings()
-    with storage.local_output(output_uri) as out, tempfile.TemporaryDirectory(prefix="vlmtune-dpo-") as work:
+    main_process = is_main_process()
+    with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-dpo-", output_uri) as work:
         args = DPOConfig(
             output_dir=work,
             beta=config.beta,
@@ -126,6 +133,9 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
             "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
         })
+        if not main_process:  # multi-process run: rank 0 writes the artifact; the others wait for it
+            wait_for_everyone()
+            return artifacts.read_manifest(output_uri, kind=MODEL_KIND)
         # Only the trained "default" adapter is the DPO model; the frozen "ref" copy stays behind.
         if "ref" in getattr(trainer.model, "peft_config", {}):
             trainer.model.delete_adapter("ref")
@@ -148,4 +158,5 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
             "content_hash": artifacts.hash_files([str(out / f) for f in files if f.startswith("adapter/")]),
         }
     artifacts.write_manifest(output_uri, manifest)
+    wait_for_everyone()
     return manifest

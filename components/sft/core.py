@@ -9,6 +9,7 @@ last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -79,6 +80,31 @@ def merge_adapter_into_full_precision_base(out: Path, config) -> None:
     base = load_base_model(config.base_model, quantization="none", dtype=torch.float32, trust_remote_code=config.trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
     merged.save_pretrained(out / "merged", safe_serialization=True)
+
+
+def is_main_process() -> bool:
+    """False on every process but the first of a multi-process run (``accelerate launch``/``torchrun``)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def output_folder(output_uri: str, main_process: bool):
+    """The artifact folder on the main process; a throwaway folder elsewhere (only rank 0 publishes)."""
+    if main_process:
+        with storage.local_output(output_uri) as out:
+            yield out
+    else:
+        with tempfile.TemporaryDirectory(prefix="vlmtune-rank-") as scratch:
+            yield Path(scratch)
 
 
 class PaddingCounter:
@@ -153,6 +179,7 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         keep_trainable_in_compute_dtype,
         load_trainable_model,
         make_checkpoint_callback,
+        trainer_work_dir,
         training_metrics,
     )
     from components.prepare_data.core import load_split
@@ -169,7 +196,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         raise ValueError(f"{dataset_uri!r} has no train rows within the token budget; nothing to train on")
 
     model, peft_config = load_trainable_model(config)
-    with storage.local_output(output_uri) as out, tempfile.TemporaryDirectory(prefix="vlmtune-sft-") as work:
+    main_process = is_main_process()
+    with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-sft-", output_uri) as work:
         args = training_arguments(config, work, checkpoint_uri)
         counting = PaddingCounter(collator)
         checkpoints = make_checkpoint_callback(checkpoint_uri)
@@ -188,6 +216,9 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
         metrics = training_metrics(trainer, result, tokens_seen, train.num_rows, started)
         metrics.update({"rows_over_token_budget": dropped, **counting.metrics(), "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None})
+        if not main_process:  # multi-process run: rank 0 writes the artifact; the others wait for it
+            wait_for_everyone()
+            return artifacts.read_manifest(output_uri, kind=MODEL_KIND)
         write_training_outputs(out, trainer, processor, config, metrics, "SFT")
         if config.merge_adapter and peft_config is not None:
             merge_adapter_into_full_precision_base(out, config)
@@ -206,4 +237,5 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
             "content_hash": artifacts.hash_files([str(out / f) for f in files if f.startswith(("adapter/", "model/"))]),
         }
     artifacts.write_manifest(output_uri, manifest)
+    wait_for_everyone()
     return manifest

@@ -1,0 +1,54 @@
+"""The benchmarks run end to end on a CPU (scaled down), so a GPU session only has to press the button."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smolvlm_256m_config_has_its_parameter_count():
+    """The config written out in benchmarks/gpu_qlora.py builds a 256M-parameter model (on the meta device)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from benchmarks.gpu_qlora import SMOLVLM_256M as spec
+
+    config = Idefics3Config(vision_config=dict(spec["vision"]), text_config={"model_type": "llama", **spec["text"]},
+                            scale_factor=spec["scale_factor"], tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert 250e6 < total < 262e6, total
+    assert sum(p.numel() for p in model.model.vision_model.parameters()) == pytest.approx(86.4e6, rel=0.01)  # SigLIP-B/16 at 512 px
+
+
+def test_gpu_qlora_smoke_on_cpu(tmp_path, capsys):
+    from benchmarks import gpu_qlora
+
+    summary = gpu_qlora.main(["--smoke", "--workdir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ratio"] == pytest.approx(summary["ratio"])
+    for name in ("seed", "ours"):
+        result = summary[name]
+        assert result["steps"] == 2 and result["batch_size"] == 2
+        assert result["tokens_per_s"] > 0 and result["samples_per_s"] > 0 and result["image_tiles"] > 0
+        assert result["peak_memory_bytes"] > 0 and result["model_tflops_per_s"] > 0
+        assert result["mfu"] is None  # no GPU peak to compare with on a CPU
+    assert summary["seed"]["gradient_checkpointing"] is True  # TRL's default
+    assert summary["ours"]["gradient_checkpointing"] == "auto"  # off on CPU, on with CUDA
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_and_prints_a_ratio(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--rows", "24", "--repeats", "1",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ratio"] > 0 and set(summary["padded_tokens_per_real_token"]) == {"seed", "seed_no_gc", "ours"}
+    assert summary["ours"]["real_tokens"] == summary["seed"]["real_tokens"]  # same rows, same tokens
