@@ -75,6 +75,10 @@ def _cmd_run(args) -> int:
             params[section] = value
         else:
             raise SystemExit(f"error: unknown pipeline parameter {section!r}; known: {', '.join(sorted(params))}")
+    for key in ("base_model", "sft_source", "preference_source", "registry"):
+        # Steps run in subprocesses: hand them absolute paths (hub ids and gs:// URIs pass through).
+        if isinstance(params.get(key), str) and Path(params[key]).exists():
+            params[key] = str(Path(params[key]).absolute())
     import time
 
     started = time.time()
