@@ -77,7 +77,8 @@ def _cmd_run(args) -> int:
             raise SystemExit(f"error: unknown pipeline parameter {section!r}; known: {', '.join(sorted(params))}")
     for key in ("base_model", "sft_source", "preference_source", "registry"):
         # Steps run in subprocesses: hand them absolute paths (hub ids and gs:// URIs pass through).
-        if isinstance(params.get(key), str) and Path(params[key]).exists():
+        value = params.get(key)
+        if isinstance(value, str) and "://" not in value and (Path(value).exists() or key == "registry"):
             params[key] = str(Path(params[key]).absolute())
     import time
 
