@@ -198,8 +198,10 @@ def run_ours(model: Path, data: Path, out: Path, args, batch_size: int) -> tuple
         manifest = core.run(training_config(model, args, batch_size), str(data), str(out))
     finally:
         core.PaddingCounter = real_counter
+    from components.common.training import use_gradient_checkpointing
+
     m = manifest["metrics"]
-    return {"train_s": m["train_runtime_s"], "gradient_checkpointing": manifest["config"]["gradient_checkpointing"]}, counters[-1]
+    return {"train_s": m["train_runtime_s"], "gradient_checkpointing": use_gradient_checkpointing(training_config(model, args, batch_size))}, counters[-1]
 
 
 def run_seed(model: Path, data: Path, out: Path, args, batch_size: int) -> tuple[dict, BatchCounter]:
