@@ -42,6 +42,43 @@ def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_lo
     return dataset.select(keep), too_long
 
 
+def _normalise(text: str) -> str:
+    return " ".join(str(text).lower().strip().rstrip(".!?").split())
+
+
+def _text_of(message: dict) -> str:
+    return "".join(part.get("text") or "" for part in message["content"] if part.get("type") == "text")
+
+
+def preference_pairs_from_mistakes(model, processor, rows, batch_size: int = 16, max_new_tokens: int = 32):
+    """Preference pairs from a model's own mistakes on labelled SFT rows, for users without preference data.
+
+    Each row's question (the conversation before its last assistant turn) is answered greedily; an answer that
+    matches none of the row's reference answers (case, spacing and final punctuation ignored) becomes a pair:
+    chosen = the gold assistant turn, rejected = the model's answer (possibly empty). Right answers make no pair.
+    Returns (datasets.Dataset of prompt/chosen/rejected/images, counts)."""
+    import datasets
+
+    from components.common.generation import GenerationOptions, generate_answers, prompt_messages
+    from components.common.schema import assistant_turn
+
+    rows = list(rows)
+    answers = generate_answers(model, processor, [r["messages"] for r in rows], [r["images"] or [] for r in rows],
+                               batch_size=batch_size, options=GenerationOptions(max_new_tokens=max_new_tokens))
+    pairs, right, empty = [], 0, 0
+    for row, answer in zip(rows, answers):
+        gold = row["messages"][-1]
+        references = {_normalise(a) for a in (row.get("answers") or [])} | {_normalise(_text_of(gold))}
+        if answer.strip() and _normalise(answer) in references:
+            right += 1
+        else:  # an empty answer (the model stopped at once) is a mistake too: the pair teaches it to answer
+            empty += not answer.strip()
+            pairs.append({"prompt": prompt_messages(row["messages"]), "chosen": [gold],
+                          "rejected": [assistant_turn(answer)], "images": list(row["images"] or [])})
+    counts = {"rows": len(rows), "model_right": right, "empty_answers": empty, "pairs": len(pairs)}
+    return datasets.Dataset.from_list(pairs) if pairs else None, counts
+
+
 def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
     from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
@@ -70,8 +107,10 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     started = time.time()
     dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
-    if dataset_manifest.get("task") != "preference":
-        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; dpo needs one prepared with --task preference")
+    from_mistakes = dataset_manifest.get("task") == "sft" and config.pairs_from_sft_mistakes
+    if dataset_manifest.get("task") != "preference" and not from_mistakes:
+        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; dpo needs one prepared with --task "
+                         f"preference, or an SFT dataset with pairs_from_sft_mistakes=true (pairs from the SFT model's own mistakes)")
     sft_manifest = artifacts.read_manifest(sft_model_uri, kind=MODEL_KIND)
     if not sft_manifest.get("adapter"):
         raise ValueError(f"{sft_model_uri!r} is a fully fine-tuned model; DPO here starts from an SFT adapter (method lora/qlora)")
@@ -82,7 +121,24 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     sft_local = Path(resolve_model_ref(sft_model_uri))
     processor = load_processor(str(sft_local / "processor"), config.trust_remote_code)
-    train, dropped = filter_pairs_by_token_budget(load_split(dataset_uri, "train"), processor, config.max_length, config.max_too_long_fraction)
+    mistakes = None
+    if from_mistakes:
+        import gc
+
+        from components.common.modeling import load_for_inference
+
+        policy, _ = load_for_inference(sft_model_uri, trust_remote_code=config.trust_remote_code)
+        train, mistakes = preference_pairs_from_mistakes(policy, processor, load_split(dataset_uri, "train"),
+                                                         config.mistakes_batch_size, config.mistakes_max_new_tokens)
+        del policy
+        gc.collect()
+        log.info("pairs from the SFT model's mistakes: %s", mistakes)
+        if train is None:
+            raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {dataset_uri!r} right: "
+                             f"no preference pairs to learn from; DPO is not needed, or give it a preference dataset")
+    else:
+        train = load_split(dataset_uri, "train")
+    train, dropped = filter_pairs_by_token_budget(train, processor, config.max_length, config.max_too_long_fraction)
     train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images")])
 
     base, _ = load_trainable_model(config)
@@ -129,6 +185,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         metrics.update({
             "pairs_over_token_budget": dropped,
+            "pairs_from_sft_mistakes": mistakes,
             "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None,
             "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
