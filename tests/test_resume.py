@@ -199,3 +199,30 @@ def test_two_processes_share_checkpoints_and_resume_exactly(tmp_path, prepared_s
     assert json.loads((output / "manifest.json").read_text())["metrics"]["resumed_from"] == "checkpoint-2"
     resumed = load_file(output / "adapter" / "adapter_model.safetensors")
     assert all(resumed[k].allclose(expected[k], atol=1e-6) for k in expected)
+
+
+@pytest.mark.gcs
+def test_checkpoints_on_gs_publish_marker_last_and_fetch_the_newest_complete(gcs_bucket, tmp_path):
+    from components.common import storage
+    from components.common.training import CHECKPOINT_MARKER, fetch_checkpoint, latest_complete_checkpoint, publish_checkpoint
+
+    uri = f"gs://{gcs_bucket}/ckpt/run-1/sft"
+    for step in (2, 4):
+        local = tmp_path / "work" / f"checkpoint-{step}"
+        local.mkdir(parents=True)
+        (local / "optimizer.pt").write_bytes(b"o" * step)
+        (local / "rng_state.pth").write_bytes(b"r")
+        publish_checkpoint(local, uri, step)
+    # checkpoint-6: what a kill during upload leaves (files, no marker), plus a stale file.
+    storage.write_bytes(f"{uri}/checkpoint-6/optimizer.pt", b"half")
+    assert latest_complete_checkpoint(uri) == f"{uri}/checkpoint-4"
+    fetched = fetch_checkpoint(uri, tmp_path / "restart")
+    assert fetched == str(tmp_path / "restart" / "checkpoint-4")
+    assert sorted(p.name for p in Path(fetched).iterdir()) == ["optimizer.pt", "rng_state.pth"]
+    # Re-publishing step 6 clears the half-written folder first: no stale file sits under the new marker.
+    local = tmp_path / "work" / "checkpoint-6"
+    local.mkdir()
+    (local / "adapter_model.safetensors").write_bytes(b"a")
+    publish_checkpoint(local, uri, 6)
+    assert sorted(u.rsplit("/", 1)[1] for u in storage.list_files(f"{uri}/checkpoint-6")) == ["COMPLETE", "adapter_model.safetensors"]
+    assert latest_complete_checkpoint(uri) == f"{uri}/checkpoint-6" and CHECKPOINT_MARKER == "COMPLETE"
