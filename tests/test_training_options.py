@@ -103,14 +103,13 @@ def test_gradient_checkpointing_true_trains_and_auto_is_off_on_cpu(tmp_path, tin
     from components.common import training
 
     assert training.use_gradient_checkpointing(config(tiny_model_dir)) is False  # auto, CPU
-    seen = {}
-    real_train = None
     import transformers
 
+    seen = {}
     real_train = transformers.Trainer.train
 
     def spy(self, *args, **kwargs):
-        seen["checkpointing"] = self.model.is_gradient_checkpointing if hasattr(self.model, "is_gradient_checkpointing") else None
+        seen["checkpointing"] = getattr(self.model, "is_gradient_checkpointing", None)
         return real_train(self, *args, **kwargs)
 
     monkeypatch.setattr(transformers.Trainer, "train", spy)
