@@ -99,10 +99,12 @@ def load_base_model(ref: str, quantization: str = "none", trust_remote_code: boo
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": 0} if settings.device == "cuda" else {"": "cpu"}
+        # One GPU per process: under torchrun/accelerate each rank loads its quantised copy on its own device.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        kwargs["device_map"] = {"": local_rank} if settings.device == "cuda" else {"": "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(resolve_model_ref(ref), **kwargs)
     if qconfig is None and settings.device == "cuda":
-        model = model.to("cuda")
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return model
 
 
