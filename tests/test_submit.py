@@ -362,7 +362,7 @@ def test_kubeflow_submit_creates_experiment_and_run(kfp_fake, params_file, templ
     # The compiled spec travels with its kfp-kubernetes platform spec (GPU node selector, tolerations, secret).
     platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert platform["exec-sft"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
-    assert platform["exec-sft"]["secretAsEnv"][0]["secretName"] == "hf-token"
+    assert platform["exec-sft"]["secretAsEnv"][0]["secretName"] == "vlmtune-hub-token"
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "vlmtune"
     # The token goes in a header only, never in a body or the output.
     assert all(r["headers"].get("authorization") == "Bearer sekrit-bearer" for r in kfp_fake.requests)
