@@ -4,6 +4,8 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoint_uri: str,
         model: Output[Model], metrics: Output[Metrics]):
+    import json
+
     from components.common.config import build_config
     from components.dpo.config import DPOStepConfig
     from components.dpo.core import run
@@ -14,3 +16,7 @@ def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoi
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    # Give the Metrics artifact a file: kfp.local treats an output whose file is missing as a cache miss, which
+    # would re-run this step (and everything after it) on every run.
+    with open(metrics.path, "w") as f:
+        json.dump(manifest["metrics"], f, indent=2)

@@ -4,6 +4,8 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: str,
         model: Output[Model], metrics: Output[Metrics]):
+    import json
+
     from components.common.config import build_config
     from components.sft.config import SFTStepConfig
     from components.sft.core import run
@@ -14,3 +16,7 @@ def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: 
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    # Give the Metrics artifact a file: kfp.local treats an output whose file is missing as a cache miss, which
+    # would re-run this step (and everything after it) on every run.
+    with open(metrics.path, "w") as f:
+        json.dump(manifest["metrics"], f, indent=2)
