@@ -96,7 +96,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         training_metrics,
         use_gradient_checkpointing,
     )
-    from components.prepare_data.core import load_split
+    from components.prepare_data.core import apply_processor_settings, load_split
     from components.sft.core import (
         is_main_process,
         merge_adapter_into_full_precision_base,
@@ -121,6 +121,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     sft_local = Path(resolve_model_ref(sft_model_uri))
     processor = load_processor(str(sft_local / "processor"), config.trust_remote_code)
+    apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
     mistakes = None
     if from_mistakes:
         import gc

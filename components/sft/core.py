@@ -182,7 +182,7 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         trainer_work_dir,
         training_metrics,
     )
-    from components.prepare_data.core import load_split
+    from components.prepare_data.core import apply_processor_settings, load_split
 
     started = time.time()
     dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
@@ -190,6 +190,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; sft needs one prepared with --task sft")
     set_seed(config.seed)
     processor = load_processor(config.base_model, config.trust_remote_code)
+    # Resize as the dataset was prepared for (its token counts hold), and save the processor that way.
+    apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
     collator = VisionSFTCollator(processor, max_length=config.max_length)
     train, dropped = filter_by_token_budget(load_split(dataset_uri, "train"), collator, config.max_too_long_fraction)
     if train.num_rows == 0:
