@@ -86,15 +86,15 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     from transformers.integrations import TensorBoardCallback
     from trl import DPOConfig, DPOTrainer
 
-    from components.common.modeling import device_settings, load_processor, resolve_model_ref
+    from components.common.modeling import load_processor, resolve_model_ref
     from components.common.training import (
+        common_training_arguments,
         fetch_checkpoint,
         keep_trainable_in_compute_dtype,
         load_trainable_model,
         make_checkpoint_callback,
         trainer_work_dir,
         training_metrics,
-        use_gradient_checkpointing,
     )
     from components.prepare_data.core import apply_processor_settings, load_split
     from components.sft.core import (
@@ -144,33 +144,12 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     base, _ = load_trainable_model(config)
     model = PeftModel.from_pretrained(base, str(sft_local / "adapter"), is_trainable=True)
-    settings = device_settings()
     main_process = is_main_process()
     with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-dpo-", output_uri) as work:
         args = DPOConfig(
-            output_dir=work,
+            **common_training_arguments(config, work, checkpoint_uri),
             beta=config.beta,
             loss_type=[config.loss_type],
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            warmup_steps=config.warmup_ratio,
-            lr_scheduler_type=config.lr_scheduler_type,
-            weight_decay=config.weight_decay,
-            logging_steps=config.logging_steps,
-            save_strategy="steps" if checkpoint_uri else "no",
-            save_steps=config.save_steps,
-            seed=config.seed,
-            data_seed=config.seed,
-            bf16=settings.bf16,
-            optim=settings.optim,
-            gradient_checkpointing=use_gradient_checkpointing(config),
-            max_length=None,  # budget enforced above by dropping pairs; truncation could cut an image
-            include_num_input_tokens_seen="non_padding",
-            report_to="none",
-            disable_tqdm=True,
         )
         trainer = DPOTrainer(
             model=model,

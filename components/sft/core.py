@@ -131,38 +131,14 @@ def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: s
     carries a ``length`` column), our own collator (TRL's dataset preparation is skipped), no truncation."""
     from trl import SFTConfig
 
-    from components.common.modeling import device_settings
-    from components.common.training import use_gradient_checkpointing
+    from components.common.training import common_training_arguments
 
-    settings = device_settings()
     return SFTConfig(
-        output_dir=output_dir,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        lr_scheduler_type=config.lr_scheduler_type,
-        weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if checkpoint_uri else "no",
-        save_steps=config.save_steps,
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=settings.bf16,
-        optim=settings.optim,
-        gradient_checkpointing=use_gradient_checkpointing(config),
-        # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **common_training_arguments(config, output_dir, checkpoint_uri),
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         length_column_name="length",
-        include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # budget enforced by dropping rows; truncation could cut an image
-        report_to="none",
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
