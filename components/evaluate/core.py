@@ -18,7 +18,7 @@ from components.common import artifacts, storage
 from components.common.config import to_dict
 from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
 from components.evaluate.config import EvaluateConfig
-from components.evaluate.metrics import METRICS, aggregate
+from components.evaluate.metrics import METRICS, aggregate, preference_reward_stats
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ def run(
     categories = [row.get("category") for row in eval_rows]
     options = GenerationOptions(max_new_tokens=config.max_new_tokens)
 
+    # DPO's implicit reward needs the log-probs of the candidate and the stage before it on held-out pairs;
+    # they are taken while each model is loaded for generation, so no model is loaded twice.
+    pairs, pair_logps, reward_models = None, {}, {}
+    if preference_uri and len(models) >= 2 and manifests[candidate].get("stage") == "dpo":
+        pairs = load_preference_pairs(preference_uri, config.max_rows)
+        reward_models = {"policy": candidate, "reference": list(models)[-2]}
+
     predictions: dict[str, list[str]] = {}
     results: dict[str, dict] = {}
     for name, ref in to_score.items():
@@ -106,6 +113,8 @@ def run(
         # Resize images exactly as the dataset was prepared for, so token counts match training.
         apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
         predictions[name] = generate_answers(model, processor, conversations, images, config.batch_size, options)
+        if pairs is not None and name in reward_models.values():
+            pair_logps[name] = {k: completion_logprobs(model, processor, pairs, k) for k in ("chosen", "rejected")}
         elapsed = time.time() - t0
         del model
         results[name] = {
@@ -124,12 +133,15 @@ def run(
         "by_model": results,
         **{f"{name}_accuracy": score for name, score in scores.items()},
     }
-    if preference_uri and len(models) >= 2 and manifests[candidate].get("stage") == "dpo":
-        reference = list(models)[-2]
+    if pairs is not None:
         beta = float((manifests[candidate].get("config") or {}).get("beta", 0.1))
-        metrics["preference"] = preference_metrics(models[candidate], models[reference], preference_uri, beta,
-                                                   config.max_rows, config.trust_remote_code)
-        metrics["preference"].update({"policy": candidate, "reference": reference, "beta": beta})
+        policy, reference = pair_logps[reward_models["policy"]], pair_logps[reward_models["reference"]]
+        metrics["preference"] = preference_reward_stats(
+            [p - r for p, r in zip(policy["chosen"], reference["chosen"])],
+            [p - r for p, r in zip(policy["rejected"], reference["rejected"])],
+            beta,
+        )
+        metrics["preference"].update({**reward_models, "beta": beta})
     with storage.local_output(output_uri) as out:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         with open(out / "predictions.jsonl", "w") as f:
@@ -182,11 +194,8 @@ def completion_logprobs(model, processor, rows, answer_key: str, batch_size: int
     return out
 
 
-def preference_metrics(policy_ref: str, reference_ref: str, preference_uri: str, beta: float, max_rows: int = 0,
-                       trust_remote_code: bool = False) -> dict[str, Any]:
-    """DPO's implicit-reward accuracy and margin of ``policy_ref`` against ``reference_ref`` on held-out pairs."""
-    from components.common.modeling import load_for_inference
-    from components.evaluate.metrics import preference_reward_stats
+def load_preference_pairs(preference_uri: str, max_rows: int = 0) -> list[dict]:
+    """The held-out pairs of a prepared preference dataset (its eval split)."""
     from components.prepare_data.core import load_split
 
     manifest = artifacts.read_manifest(preference_uri, kind=DATASET_KIND)
@@ -195,12 +204,4 @@ def preference_metrics(policy_ref: str, reference_ref: str, preference_uri: str,
     pairs = load_split(preference_uri, "eval")
     if max_rows:
         pairs = pairs.select(range(min(max_rows, pairs.num_rows)))
-    rows = [pairs[i] for i in range(pairs.num_rows)]
-    logps = {}
-    for name, ref in (("policy", policy_ref), ("reference", reference_ref)):
-        model, processor = load_for_inference(ref, trust_remote_code=trust_remote_code)
-        logps[name] = {k: completion_logprobs(model, processor, rows, k) for k in ("chosen", "rejected")}
-        del model
-    chosen = [p - r for p, r in zip(logps["policy"]["chosen"], logps["reference"]["chosen"])]
-    rejected = [p - r for p, r in zip(logps["policy"]["rejected"], logps["reference"]["rejected"])]
-    return preference_reward_stats(chosen, rejected, beta)
+    return [pairs[i] for i in range(pairs.num_rows)]
