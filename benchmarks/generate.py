@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     from components.common.generation import GenerationOptions, generate_answers
     from components.common.modeling import load_for_inference
     from components.predict.api import resolve_model
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)

@@ -209,7 +209,7 @@ def run_seed(model: Path, data: Path, out: Path, args, batch_size: int) -> tuple
 
     from components.common.modeling import device_settings, load_processor
     from components.common.training import keep_trainable_in_compute_dtype, load_trainable_model
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
 
     config = training_config(model, args, batch_size)
     train = load_split(str(data), "train")

@@ -146,6 +146,7 @@ def build_processor(folder: Path) -> Path:
 
 def child_ours(source: Path, out: Path, args) -> dict:
     from components.common.config import build_config
+    from components.common.processor_settings import load_processor_settings
     from components.prepare_data import core
     from components.prepare_data.config import PrepareDataConfig
 
@@ -156,7 +157,7 @@ def child_ours(source: Path, out: Path, args) -> dict:
     # Import transformers and read the processor once before timing: a fixed start-up cost (~5-10 s here),
     # reported apart, not part of the per-image throughput.
     t = time.perf_counter()
-    core.load_processor_settings(str(args.processor), args.longest_edge)
+    load_processor_settings(str(args.processor), args.longest_edge)
     startup = time.perf_counter() - t
     c0, t = cpu_seconds(), time.perf_counter()
     manifest = core.run(config, str(source), str(out))

@@ -37,7 +37,7 @@ def dpo_model_dir(tmp_path_factory, prepared_preference, sft_model_dir):
 def test_evaluate_scores_held_out_rows_only_and_reports(tmp_path, prepared_sft, prepared_preference, sft_model_dir, dpo_model_dir):
     from components.common.config import build_config
     from components.evaluate.core import run
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
 
     out = tmp_path / "eval"
     manifest = run(build_config(EvaluateConfig, {"max_rows": 6, "batch_size": 3, "max_new_tokens": 3, "cpu_threads": 1, "min_delta": -1.0}),

@@ -16,6 +16,8 @@ from PIL import Image
 from components.common import artifacts, schema
 from components.common.config import ConfigError, build_config
 from components.prepare_data import cli, core
+from components.prepare_data.rows import split_of
+from components.common.dataset import ShardWriter, load_split
 from components.prepare_data.config import PrepareDataConfig
 
 WHITE = (255, 255, 255)
@@ -211,7 +213,7 @@ def test_good_rows_come_through_with_exact_content(nasty):
     assert len(noid["id"]) == 32 and noid["answers"] == ["no id"]
     assert {r["split"] for r in rows.values()} == {"train", "eval"}
     for id_, row in rows.items():
-        assert row["split"] == core.split_of(id_, 0.3)
+        assert row["split"] == split_of(id_, 0.3)
 
 
 def test_manifest_keys_and_files(nasty):
@@ -237,7 +239,7 @@ def test_output_reads_with_pyarrow_and_datasets(nasty):
     ds = datasets.load_dataset("parquet", data_files={"train": str(out / "train/*.parquet")}, split="train")
     assert len(ds) == nasty["manifest"]["splits"]["train"]["rows"]
     assert isinstance(ds[0]["images"][0], Image.Image)
-    loaded = core.load_split(str(out), "eval")
+    loaded = load_split(str(out), "eval")
     assert len(loaded) == nasty["manifest"]["splits"]["eval"]["rows"]
     assert loaded[0]["images"][0].mode == "RGB"
     assert loaded.column_names == schema.SFT_SCHEMA.names
@@ -276,7 +278,7 @@ def test_crash_mid_write_leaves_no_manifest(tmp_path, monkeypatch):
     out = tmp_path / "out"
     core.run(cfg(), str(src), str(out))  # a complete earlier run in the same place
     assert artifacts.is_complete(str(out))
-    real_add = core.ShardWriter.add
+    real_add = ShardWriter.add
     written = []
 
     def crashing_add(self, row):
@@ -285,18 +287,18 @@ def test_crash_mid_write_leaves_no_manifest(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         real_add(self, row)
 
-    monkeypatch.setattr(core.ShardWriter, "add", crashing_add)
+    monkeypatch.setattr(ShardWriter, "add", crashing_add)
     with pytest.raises(RuntimeError, match="disk on fire"):
         core.run(cfg(row_group_rows=2), str(src), str(out))
     assert not (out / "manifest.json").exists()
     with pytest.raises(artifacts.IncompleteArtifactError, match="no manifest.json"):
-        core.load_split(str(out), "train")
+        load_split(str(out), "train")
     # A hard kill can leave shards behind without a manifest: still refused.
     partial = tmp_path / "partial"
     (partial / "train").mkdir(parents=True)
     (partial / "train" / "part-00000.parquet").write_bytes(b"PAR1")
     with pytest.raises(artifacts.IncompleteArtifactError, match="did not finish"):
-        core.load_split(str(partial), "train")
+        load_split(str(partial), "train")
 
 
 def _one_bad_in_ten(root: Path) -> Path:

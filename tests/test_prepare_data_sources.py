@@ -17,6 +17,7 @@ from PIL import Image
 from components.common import artifacts, schema, storage
 from components.common.config import build_config
 from components.prepare_data import core
+from components.common.dataset import load_split
 from components.prepare_data.config import PrepareDataConfig
 
 
@@ -177,7 +178,7 @@ def test_preference_rows_and_rlaif_v_preset(tmp_path):
     table = pq.read_table(tmp_path / "out" / manifest["splits"]["train"]["files"][0])
     assert table.schema.remove_metadata().equals(schema.PREFERENCE_SCHEMA)
     split = next(s for s in schema.SPLITS if manifest["splits"][s]["rows"])
-    loaded = core.load_split(str(tmp_path / "out"), split)
+    loaded = load_split(str(tmp_path / "out"), split)
     assert loaded.column_names == schema.PREFERENCE_SCHEMA.names and loaded[0]["images"][0].mode == "RGB"
 
 
@@ -189,7 +190,7 @@ def test_gs_source_and_output(gcs_bucket, tmp_path):
     out = f"gs://{gcs_bucket}/prepared"
     manifest = core.run(cfg(eval_fraction=0.5), f"gs://{gcs_bucket}/src", out)
     assert artifacts.read_manifest(out, kind=schema.DATASET_KIND)["content_hash"] == manifest["content_hash"]
-    loaded = {s: core.load_split(out, s) for s in schema.SPLITS}
+    loaded = {s: load_split(out, s) for s in schema.SPLITS}
     assert sum(len(d) for d in loaded.values()) == 6
     row = loaded["train"][0]  # the downloaded shards are gone; rows still read from datasets' own cache
     assert row["images"][0].size == (8, 6) and row["answers"][0].startswith("a")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from components.common.config import build_config
 from components.prepare_data import core
+from components.common import processor_settings
 from components.prepare_data import images as imagelib
 from components.prepare_data.config import PrepareDataConfig
 
@@ -78,13 +79,13 @@ def test_reported_tokens_match_the_processor(smolvlm_processor, source, tmp_path
     assert settings["size"] == {"longest_edge": edge} and settings["max_image_size"] == {"longest_edge": 384}
     assert settings["do_image_splitting"] is True and settings["image_seq_len"] == 81
     processor = AutoProcessor.from_pretrained(smolvlm_processor)
-    core.apply_processor_settings(processor, settings)  # what training does with the manifest
+    processor_settings.apply_processor_settings(processor, settings)  # what training does with the manifest
     assert processor.image_processor.size["longest_edge"] == edge
     produced = {}
     for id_, im in stored_images(tmp_path / "out", manifest):
         assert max(im.size) <= edge
         produced[id_] = processor_tokens(processor, im)
-        assert produced[id_] == core.tokens_for_size(*im.size, settings), (id_, im.size)
+        assert produced[id_] == processor_settings.tokens_for_size(*im.size, settings), (id_, im.size)
     hist = manifest["tokens_per_image"]["histogram"]
     assert sum(hist.values()) == len(SIZES)
     expected_hist: dict[str, int] = {}
@@ -95,8 +96,8 @@ def test_reported_tokens_match_the_processor(smolvlm_processor, source, tmp_path
     assert manifest["tokens_per_sample"]["max"] == max(produced.values())
     if longest_edge == 768:
         # 1024x768 photo at 768 px: 2x2 tiles + the global image = 5 x 81 image tokens, plus layout tokens.
-        assert produced["img3"] == imagelib.image_tokens(2, 2, 81, settings["extra_split_newline_tokens"])
-        at_full_size = core.tokens_for_size(2000, 1000, {**settings, "size": {"longest_edge": 1536}})
+        assert produced["img3"] == processor_settings.image_tokens(2, 2, 81, settings["extra_split_newline_tokens"])
+        at_full_size = processor_settings.tokens_for_size(2000, 1000, {**settings, "size": {"longest_edge": 1536}})
         assert produced["img0"] < at_full_size  # the smaller size really saves tokens
 
 
@@ -106,14 +107,14 @@ def test_formula_matches_processor_on_many_sizes(tmp_path):
 
     folder = build_processor(tmp_path / "tiny", 128, 64, 4)
     processor = AutoProcessor.from_pretrained(folder)
-    settings = core.load_processor_settings(str(folder))
+    settings = processor_settings.load_processor_settings(str(folder))
     for w, h in [(1, 1), (64, 64), (65, 64), (130, 20), (20, 130), (127, 129), (200, 99), (33, 190), (500, 499)]:
         im = Image.new("RGB", (w, h), (10, 20, 30))
-        assert processor_tokens(processor, im) == core.tokens_for_size(w, h, settings), (w, h)
+        assert processor_tokens(processor, im) == processor_settings.tokens_for_size(w, h, settings), (w, h)
         sw, sh = imagelib.stored_size(w, h, 128)
         assert max(sw, sh) <= max(128, 1)
         # Storing at the reduced size costs exactly the same tokens as the original.
-        assert core.tokens_for_size(sw, sh, settings) == core.tokens_for_size(w, h, settings), (w, h)
+        assert processor_settings.tokens_for_size(sw, sh, settings) == processor_settings.tokens_for_size(w, h, settings), (w, h)
 
 
 @pytest.mark.gcs
@@ -125,7 +126,7 @@ def test_processor_from_gs_folder_skips_weights(gcs_bucket, smolvlm_processor, t
     read = []
     real_read = storage.read_bytes
     monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read(uri))
-    settings = core.load_processor_settings(f"gs://{gcs_bucket}/model", longest_edge=800)
+    settings = processor_settings.load_processor_settings(f"gs://{gcs_bucket}/model", longest_edge=800)
     assert settings["size"] == {"longest_edge": 768}  # snapped down to whole 384 px tiles
     assert settings["image_seq_len"] == 81
     assert read and not any(uri.endswith(".safetensors") for uri in read)
@@ -149,7 +150,7 @@ def test_demo_data_through_the_cli_with_the_shipped_config(tmp_path, capsys):
         assert manifest["task"] == task and manifest["counts"]["rows_out"] == n and manifest["rejects"] == {}
         # 128 px demo images fit the 128 px processor size: stored byte for byte, 2x2 tiles + global image.
         assert manifest["counts"]["images_passed_through"] == n
-        assert manifest["tokens_per_image"]["histogram"] == {str(imagelib.image_tokens(2, 2, 4, manifest["processor_settings"]["extra_split_newline_tokens"])): n}
+        assert manifest["tokens_per_image"]["histogram"] == {str(processor_settings.image_tokens(2, 2, 4, manifest["processor_settings"]["extra_split_newline_tokens"])): n}
         assert f"prepared {n} of {n} rows" in out
 
 

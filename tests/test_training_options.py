@@ -146,7 +146,7 @@ def test_length_grouping_really_groups_and_cuts_padding(tmp_path, tiny_model_dir
     from trl import SFTTrainer
 
     from components.common.modeling import load_processor
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
     from components.sft.core import filter_by_token_budget, training_arguments
     from components.sft.masking import VisionSFTCollator
 
@@ -177,7 +177,7 @@ def test_merged_model_matches_the_adapter_on_a_full_precision_base(tmp_path, tin
     from transformers import AutoModelForImageTextToText
 
     from components.common.modeling import load_processor
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
     from components.sft.masking import VisionSFTCollator
 
     out = tmp_path / "m"
@@ -202,7 +202,7 @@ def test_preference_pairs_from_the_sft_models_mistakes(prepared_sft, monkeypatch
     case/punctuation aside) makes no pair."""
     from components.common import generation
     from components.dpo.core import preference_pairs_from_mistakes
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
 
     rows = [dict(r) for r in load_split(str(prepared_sft), "train").select(range(4))]
     golds = [r["messages"][-1]["content"][0]["text"] for r in rows]

@@ -96,7 +96,8 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         trainer_work_dir,
         training_metrics,
     )
-    from components.prepare_data.core import apply_processor_settings, load_split
+    from components.common.dataset import load_split
+    from components.common.processor_settings import apply_processor_settings
     from components.sft.core import (
         is_main_process,
         merge_adapter_into_full_precision_base,

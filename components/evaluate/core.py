@@ -63,7 +63,8 @@ def run(
     from components.common.generation import GenerationOptions, generate_answers
     from components.common.modeling import load_for_inference
     from components.evaluate.report import write_report
-    from components.prepare_data.core import apply_processor_settings, load_split
+    from components.common.dataset import load_split
+    from components.common.processor_settings import apply_processor_settings
 
     if not models:
         raise ValueError("evaluate needs at least one trained model (e.g. --model sft=URI)")
@@ -196,7 +197,7 @@ def completion_logprobs(model, processor, rows, answer_key: str, batch_size: int
 
 def load_preference_pairs(preference_uri: str, max_rows: int = 0) -> list[dict]:
     """The held-out pairs of a prepared preference dataset (its eval split)."""
-    from components.prepare_data.core import load_split
+    from components.common.dataset import load_split
 
     manifest = artifacts.read_manifest(preference_uri, kind=DATASET_KIND)
     if manifest.get("task") != "preference":

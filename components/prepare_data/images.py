@@ -7,20 +7,20 @@ Token-aware sizing: the Idefics3/SmolVLM processor rescales every image so its l
 ``size["longest_edge"]`` (upscaling small ones), then cuts it into ``max_image_size["longest_edge"]`` tiles.
 Storing a larger image wastes disk and decode time; storing a smaller one saves no tokens. So images larger
 than the target are downscaled to exactly the size the processor would compute (same rounding), smaller ones
-are kept as they are, and :func:`image_tokens` predicts the processor's token count from the stored size.
+are kept as they are, and ``components.common.processor_settings.image_tokens`` predicts the processor's token
+count from the stored size.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import math
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# transformers' Idefics3 image processor caps any edge at this size (MAX_IMAGE_SIZE there).
-PROCESSOR_MAX_EDGE = 4096
+from components.common.processor_settings import processor_output_size
+
 WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _ORIENTATION_TAG = 0x0112
@@ -56,61 +56,11 @@ class ProcessedImage:
     reencoded: bool
 
 
-def processor_output_size(width: int, height: int, longest_edge: int) -> tuple[int, int]:
-    """(width, height) after the Idefics3 processor's first resize to ``longest_edge`` (its exact rounding)."""
-    aspect = width / height
-    if width >= height:
-        w = longest_edge
-        h = int(w / aspect)
-        h += h % 2
-    else:
-        h = longest_edge
-        w = int(h * aspect)
-        w += w % 2
-    h, w = max(h, 1), max(w, 1)
-    # then "scale below upper bound"
-    aspect = w / h
-    if w >= h and w > PROCESSOR_MAX_EDGE:
-        w = PROCESSOR_MAX_EDGE
-        h = int(w / aspect)
-    elif h > w and h > PROCESSOR_MAX_EDGE:
-        h = PROCESSOR_MAX_EDGE
-        w = int(h * aspect)
-    return max(w, 1), max(h, 1)
-
-
 def stored_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
     """Size we store: the processor's own target size when the image is larger, else unchanged."""
     if longest_edge is None or max(width, height) <= longest_edge:
         return width, height
     return processor_output_size(width, height, longest_edge)
-
-
-def tile_grid(width: int, height: int, size_longest_edge: int, tile: int, do_image_splitting: bool) -> tuple[int, int]:
-    """(rows, cols) of tiles the Idefics3 processor cuts an image of this size into (0, 0: global image only)."""
-    if not do_image_splitting:
-        return 0, 0
-    w, h = processor_output_size(width, height, size_longest_edge)
-    aspect = w / h
-    if w >= h:
-        W = math.ceil(w / tile) * tile
-        H = int(W / aspect)
-        H = math.ceil(H / tile) * tile
-    else:
-        H = math.ceil(h / tile) * tile
-        W = int(H * aspect)
-        W = math.ceil(W / tile) * tile
-    if H > tile or W > tile:
-        return math.ceil(H / tile), math.ceil(W / tile)
-    return 0, 0
-
-
-def image_tokens(rows: int, cols: int, image_seq_len: int, extra_split_newline: int = 0) -> int:
-    """Tokens one image expands to in the prompt (Idefics3Processor's layout: tiles, row breaks, global image)."""
-    base = image_seq_len + 3  # <fake><global-img><image>*n<fake>
-    if rows == 0:
-        return base
-    return base + extra_split_newline + rows * (cols * (image_seq_len + 2) + 1)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

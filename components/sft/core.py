@@ -158,7 +158,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         trainer_work_dir,
         training_metrics,
     )
-    from components.prepare_data.core import apply_processor_settings, load_split
+    from components.common.dataset import load_split
+    from components.common.processor_settings import apply_processor_settings
 
     started = time.time()
     dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)

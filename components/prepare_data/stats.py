@@ -1,0 +1,121 @@
+"""What ``prepare-data`` counts while it streams rows: rejects by reason (with examples), and the sizes and
+token costs of the stored images. Both end up in the dataset manifest, so no row is lost without a trace."""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from components.common.processor_settings import tokens_for_size
+
+EXAMPLES_PER_REASON = 5
+# Reasons that are not "invalid input": they do not count towards max_invalid_fraction.
+NOT_INVALID = {"duplicate"}
+
+
+class Stat:
+    """min / max / mean / count of an integer series, kept in constant memory."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0
+        self.min: int | None = None
+        self.max: int | None = None
+
+    def add(self, v: int) -> None:
+        self.n += 1
+        self.total += v
+        self.min = v if self.min is None else min(self.min, v)
+        self.max = v if self.max is None else max(self.max, v)
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.n:
+            return None
+        return {"min": self.min, "max": self.max, "mean": round(self.total / self.n, 2), "count": self.n}
+
+
+class Rejects:
+    """Rejected rows by reason: a count and the first few row ids (or source positions) as examples."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, dict[str, Any]] = {}
+
+    def add(self, reason: str, example: str) -> None:
+        entry = self.by_reason.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_REASON:
+            entry["examples"].append(example)
+
+    def count(self, exclude: set[str] = frozenset()) -> int:
+        return sum(e["count"] for r, e in self.by_reason.items() if r not in exclude)
+
+    def invalid(self) -> int:
+        """Rows rejected for bad input (what ``max_invalid_fraction`` limits)."""
+        return self.count(exclude=NOT_INVALID)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {r: self.by_reason[r] for r in sorted(self.by_reason)}
+
+
+class ImageStats:
+    """Sizes, source modes and prompt-token costs of the stored images (token costs need processor settings)."""
+
+    SERIES = ("width", "height", "source_width", "source_height", "tokens_per_image", "tokens_per_sample", "images_per_row")
+
+    def __init__(self, processor_settings: dict[str, Any] | None):
+        self.processor_settings = processor_settings
+        self.series = {k: Stat() for k in self.SERIES}
+        self.token_histogram: collections.Counter = collections.Counter()
+        self.source_modes: collections.Counter = collections.Counter()
+        self.reencoded = 0
+        self.passed_through = 0
+        self._tokens_by_size: dict[tuple[int, int], int | None] = {}  # few distinct sizes: compute each once
+
+    def add_row(self, images: list) -> None:
+        """Record the processed images (``images.ProcessedImage``) of one accepted row."""
+        sample_tokens = 0
+        for image in images:
+            self.series["width"].add(image.width)
+            self.series["height"].add(image.height)
+            self.series["source_width"].add(image.source_width)
+            self.series["source_height"].add(image.source_height)
+            self.source_modes[image.source_mode] += 1
+            if image.reencoded:
+                self.reencoded += 1
+            else:
+                self.passed_through += 1
+            tokens = self._tokens(image.width, image.height)
+            if tokens is not None:
+                self.series["tokens_per_image"].add(tokens)
+                self.token_histogram[tokens] += 1
+                sample_tokens += tokens
+        self.series["images_per_row"].add(len(images))
+        if self.processor_settings and self.processor_settings.get("image_seq_len") is not None:
+            self.series["tokens_per_sample"].add(sample_tokens)
+
+    def _tokens(self, width: int, height: int) -> int | None:
+        key = (width, height)
+        if key not in self._tokens_by_size:
+            self._tokens_by_size[key] = tokens_for_size(width, height, self.processor_settings)
+        return self._tokens_by_size[key]
+
+    def images_summary(self, stored_longest_edge_cap: int | None) -> dict[str, Any]:
+        s = self.series
+        return {
+            "count": s["width"].n,
+            "width": s["width"].summary(),
+            "height": s["height"].summary(),
+            "source_width": s["source_width"].summary(),
+            "source_height": s["source_height"].summary(),
+            "source_modes": dict(sorted(self.source_modes.items())),
+            "per_row": s["images_per_row"].summary(),
+            "stored_longest_edge_cap": stored_longest_edge_cap,
+        }
+
+    def tokens_per_image(self) -> dict[str, Any] | None:
+        stat = self.series["tokens_per_image"]
+        if not stat.n:
+            return None
+        return {**stat.summary(), "histogram": {str(k): v for k, v in sorted(self.token_histogram.items())}}
+
+    def tokens_per_sample(self) -> dict[str, Any] | None:
+        return self.series["tokens_per_sample"].summary()
