@@ -198,7 +198,7 @@ def run_ours(model: Path, data: Path, out: Path, args, batch_size: int) -> tuple
         manifest = core.run(training_config(model, args, batch_size), str(data), str(out))
     finally:
         core.PaddingCounter = real_counter
-    from components.common.training import use_gradient_checkpointing
+    from components.common.training.model import use_gradient_checkpointing
 
     m = manifest["metrics"]
     return {"train_s": m["train_runtime_s"], "gradient_checkpointing": use_gradient_checkpointing(training_config(model, args, batch_size))}, counters[-1]
@@ -208,7 +208,7 @@ def run_seed(model: Path, data: Path, out: Path, args, batch_size: int) -> tuple
     from trl import SFTConfig, SFTTrainer
 
     from components.common.modeling import device_settings, load_processor
-    from components.common.training import keep_trainable_in_compute_dtype, load_trainable_model
+    from components.common.training.model import keep_trainable_in_compute_dtype, load_trainable_model
     from components.common.dataset import load_split
 
     config = training_config(model, args, batch_size)

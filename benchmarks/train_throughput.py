@@ -173,7 +173,7 @@ def child_seed(data: Path, model: Path, out: Path, args, gradient_checkpointing:
 
     from components.common.config import build_config
     from components.common.modeling import device_settings, load_processor
-    from components.common.training import keep_trainable_in_compute_dtype, load_trainable_model
+    from components.common.training.model import keep_trainable_in_compute_dtype, load_trainable_model
     from components.common.dataset import load_split
     from components.sft.config import SFTStepConfig
     from components.sft.core import PaddingCounter

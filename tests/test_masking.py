@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from components.common.schema import assistant_turn, system_turn, user_turn
-from components.sft.masking import IGNORE_INDEX, VisionSFTCollator
+from components.common.training.collator import IGNORE_INDEX, VisionSFTCollator
 
 EOU = "<end_of_utterance>"
 
@@ -123,7 +123,7 @@ def test_image_related_tokens_never_carry_loss(processor):
 
 
 def test_rows_over_the_budget_are_refused_not_truncated(processor):
-    from components.sft.masking import SequenceTooLongError
+    from components.common.training.collator import SequenceTooLongError
 
     row = {"messages": [user_turn("What colour is the shape?"), assistant_turn("red")], "images": [square()]}
     with pytest.raises(SequenceTooLongError):

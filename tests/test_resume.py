@@ -135,7 +135,7 @@ def test_preempted_twice_sigterm_then_sigkill_resumes_each_time(tmp_path, prepar
 
 
 def test_latest_complete_checkpoint_ignores_folders_without_marker(tmp_path):
-    from components.common.training import CHECKPOINT_MARKER, latest_complete_checkpoint
+    from components.common.training.checkpoints import CHECKPOINT_MARKER, latest_complete_checkpoint
 
     for step, marked in ((2, True), (4, True), (6, False), (10, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -204,7 +204,7 @@ def test_two_processes_share_checkpoints_and_resume_exactly(tmp_path, prepared_s
 @pytest.mark.gcs
 def test_checkpoints_on_gs_publish_marker_last_and_fetch_the_newest_complete(gcs_bucket, tmp_path):
     from components.common import storage
-    from components.common.training import CHECKPOINT_MARKER, fetch_checkpoint, latest_complete_checkpoint, publish_checkpoint
+    from components.common.training.checkpoints import CHECKPOINT_MARKER, fetch_checkpoint, latest_complete_checkpoint, publish_checkpoint
 
     uri = f"gs://{gcs_bucket}/ckpt/run-1/sft"
     for step in (2, 4):

@@ -13,7 +13,7 @@ def test_qlora_base_really_uses_4bit_layers(tiny_model_dir):
     from bitsandbytes.nn import Linear4bit
 
     from components.common.config import build_config
-    from components.common.training import load_trainable_model
+    from components.common.training.model import load_trainable_model
     from components.sft.config import SFTStepConfig
 
     model, peft_config = load_trainable_model(build_config(SFTStepConfig, {"base_model": str(tiny_model_dir), "method": "qlora"}))

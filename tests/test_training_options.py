@@ -45,7 +45,7 @@ def test_cli_flags_set_method_and_quantization():
 
 @pytest.mark.parametrize("method, quantization, expected", [("qlora", None, "Linear4bit"), ("qlora", "8bit", "Linear8bitLt"), ("lora", None, None)])
 def test_quantization_choice_loads_the_matching_layers(tiny_model_dir, method, quantization, expected):
-    from components.common.training import load_trainable_model
+    from components.common.training.model import load_trainable_model
 
     model, peft_config = load_trainable_model(config(tiny_model_dir, method=method, quantization=quantization))
     layers = quantised_layers(model)
@@ -76,7 +76,7 @@ def test_dora_on_4bit_adds_trained_magnitude_vectors(tmp_path, tiny_model_dir, p
 def test_lora_targets_and_the_frozen_vision_tower(tiny_model_dir, targets, vision_lora):
     from peft import get_peft_model
 
-    from components.common.training import load_trainable_model
+    from components.common.training.model import load_trainable_model
 
     model, peft_config = load_trainable_model(config(tiny_model_dir, method="lora", lora_targets=targets))
     model = get_peft_model(model, peft_config)
@@ -100,7 +100,7 @@ def test_full_finetune_freezes_the_vision_tower_and_writes_the_whole_model(tmp_p
 
 
 def test_gradient_checkpointing_true_trains_and_auto_is_off_on_cpu(tmp_path, tiny_model_dir, prepared_sft, monkeypatch):
-    from components.common import training
+    from components.common.training import model as training
 
     assert training.use_gradient_checkpointing(config(tiny_model_dir)) is False  # auto, CPU
     import transformers
@@ -119,7 +119,8 @@ def test_gradient_checkpointing_true_trains_and_auto_is_off_on_cpu(tmp_path, tin
 
 
 def test_cuda_defaults_bf16_paged_8bit_optimizer_and_checkpointing(monkeypatch, tiny_model_dir):
-    from components.common import modeling, training
+    from components.common import modeling
+    from components.common.training import model as training
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -148,7 +149,7 @@ def test_length_grouping_really_groups_and_cuts_padding(tmp_path, tiny_model_dir
     from components.common.modeling import load_processor
     from components.common.dataset import load_split
     from components.sft.core import filter_by_token_budget, training_arguments
-    from components.sft.masking import VisionSFTCollator
+    from components.common.training.collator import VisionSFTCollator
 
     rng = random.Random(0)
     rows = []
@@ -178,7 +179,7 @@ def test_merged_model_matches_the_adapter_on_a_full_precision_base(tmp_path, tin
 
     from components.common.modeling import load_processor
     from components.common.dataset import load_split
-    from components.sft.masking import VisionSFTCollator
+    from components.common.training.collator import VisionSFTCollator
 
     out = tmp_path / "m"
     manifest = train(tiny_model_dir, prepared_sft, out, merge_adapter=True, max_steps=2)  # trained on a 4-bit base
@@ -201,7 +202,7 @@ def test_preference_pairs_from_the_sft_models_mistakes(prepared_sft, monkeypatch
     """Chosen = gold, rejected = the model's wrong (or empty) answer; a right answer (any reference,
     case/punctuation aside) makes no pair."""
     from components.common import generation
-    from components.dpo.core import preference_pairs_from_mistakes
+    from components.dpo.mistakes import preference_pairs_from_mistakes
     from components.common.dataset import load_split
 
     rows = [dict(r) for r in load_split(str(prepared_sft), "train").select(range(4))]

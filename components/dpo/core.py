@@ -2,7 +2,8 @@
 
 The SFT adapter is loaded trainable on the (4-bit) base; TRL copies it into a frozen "ref" adapter, so the
 reference model is the SFT policy and no second model is held in memory. The output is a standalone adapter
-on the same base (initialised from SFT, moved by DPO).
+on the same base (initialised from SFT, moved by DPO). Preference pairs come from a preference dataset, or
+(``pairs_from_sft_mistakes``) from the SFT model's own wrong answers on an SFT dataset (``mistakes.py``).
 
     vlmtune dpo --dataset PREF_DATA_URI --sft-model SFT_URI --output MODEL_URI
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from components.common import artifacts
-from components.common.config import to_dict
-from components.common.schema import DATASET_KIND, MODEL_KIND
+from components.common.dataset import open_dataset
+from components.common.processor_settings import apply_processor_settings
+from components.common.schema import MODEL_KIND
+from components.common.training.collator import SequenceTooLongError, VisionSFTCollator
 from components.dpo.config import DPOStepConfig
-from components.sft.masking import SequenceTooLongError, VisionSFTCollator
+from components.dpo.mistakes import preference_pairs_from_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +45,6 @@ def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_lo
     return dataset.select(keep), too_long
 
 
-def _normalise(text: str) -> str:
-    return " ".join(str(text).lower().strip().rstrip(".!?").split())
-
-
-def _text_of(message: dict) -> str:
-    return "".join(part.get("text") or "" for part in message["content"] if part.get("type") == "text")
-
-
-def preference_pairs_from_mistakes(model, processor, rows, batch_size: int = 16, max_new_tokens: int = 32):
-    """Preference pairs from a model's own mistakes on labelled SFT rows, for users without preference data.
-
-    Each row's question (the conversation before its last assistant turn) is answered greedily; an answer that
-    matches none of the row's reference answers (case, spacing and final punctuation ignored) becomes a pair:
-    chosen = the gold assistant turn, rejected = the model's answer (possibly empty). Right answers make no pair.
-    Returns (datasets.Dataset of prompt/chosen/rejected/images, counts)."""
-    import datasets
-
-    from components.common.generation import GenerationOptions, generate_answers, prompt_messages
-    from components.common.schema import assistant_turn
-
-    rows = list(rows)
-    answers = generate_answers(model, processor, [r["messages"] for r in rows], [r["images"] or [] for r in rows],
-                               batch_size=batch_size, options=GenerationOptions(max_new_tokens=max_new_tokens))
-    pairs, right, empty = [], 0, 0
-    for row, answer in zip(rows, answers):
-        gold = row["messages"][-1]
-        references = {_normalise(a) for a in (row.get("answers") or [])} | {_normalise(_text_of(gold))}
-        if answer.strip() and _normalise(answer) in references:
-            right += 1
-        else:  # an empty answer (the model stopped at once) is a mistake too: the pair teaches it to answer
-            empty += not answer.strip()
-            pairs.append({"prompt": prompt_messages(row["messages"]), "chosen": [gold],
-                          "rejected": [assistant_turn(answer)], "images": list(row["images"] or [])})
-    counts = {"rows": len(rows), "model_right": right, "empty_answers": empty, "pairs": len(pairs)}
-    return datasets.Dataset.from_list(pairs) if pairs else None, counts
-
-
 def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
     from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
@@ -87,30 +53,27 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     from trl import DPOConfig, DPOTrainer
 
     from components.common.modeling import load_processor, resolve_model_ref
-    from components.common.training import (
-        common_training_arguments,
-        fetch_checkpoint,
+    from components.common.training.arguments import common_training_arguments
+    from components.common.training.checkpoints import fetch_checkpoint, make_checkpoint_callback, trainer_work_dir
+    from components.common.training.distributed import is_main_process, wait_for_everyone
+    from components.common.training.model import (
         keep_trainable_in_compute_dtype,
         load_trainable_model,
-        make_checkpoint_callback,
-        trainer_work_dir,
-        training_metrics,
-    )
-    from components.common.dataset import load_split
-    from components.common.processor_settings import apply_processor_settings
-    from components.sft.core import (
-        is_main_process,
         merge_adapter_into_full_precision_base,
+    )
+    from components.common.training.outputs import (
+        manifest_from_rank_zero,
+        model_manifest,
         output_folder,
-        wait_for_everyone,
+        training_metrics,
         write_training_outputs,
     )
 
     started = time.time()
-    dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
-    from_mistakes = dataset_manifest.get("task") == "sft" and config.pairs_from_sft_mistakes
-    if dataset_manifest.get("task") != "preference" and not from_mistakes:
-        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; dpo needs one prepared with --task "
+    dataset = open_dataset(dataset_uri)
+    from_mistakes = dataset.task == "sft" and config.pairs_from_sft_mistakes
+    if dataset.task != "preference" and not from_mistakes:
+        raise ValueError(f"{dataset_uri!r} is a {dataset.task!r} dataset; dpo needs one prepared with --task "
                          f"preference, or an SFT dataset with pairs_from_sft_mistakes=true (pairs from the SFT model's own mistakes)")
     sft_manifest = artifacts.read_manifest(sft_model_uri, kind=MODEL_KIND)
     if not sft_manifest.get("adapter"):
@@ -122,7 +85,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     sft_local = Path(resolve_model_ref(sft_model_uri))
     processor = load_processor(str(sft_local / "processor"), config.trust_remote_code)
-    apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
+    apply_processor_settings(processor, dataset.processor_settings)
     mistakes = None
     if from_mistakes:
         import gc
@@ -130,7 +93,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         from components.common.modeling import load_for_inference
 
         policy, _ = load_for_inference(sft_model_uri, trust_remote_code=config.trust_remote_code)
-        train, mistakes = preference_pairs_from_mistakes(policy, processor, load_split(dataset_uri, "train"),
+        train, mistakes = preference_pairs_from_mistakes(policy, processor, dataset.split("train"),
                                                          config.mistakes_batch_size, config.mistakes_max_new_tokens)
         del policy
         gc.collect()
@@ -139,7 +102,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
             raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {dataset_uri!r} right: "
                              f"no preference pairs to learn from; DPO is not needed, or give it a preference dataset")
     else:
-        train = load_split(dataset_uri, "train")
+        train = dataset.split("train")
     train, dropped = filter_pairs_by_token_budget(train, processor, config.max_length, config.max_too_long_fraction)
     train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images")])
 
@@ -172,29 +135,18 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
         })
         if not main_process:  # multi-process run: rank 0 writes the artifact; the others wait for it
-            wait_for_everyone()
-            return artifacts.read_manifest(output_uri, kind=MODEL_KIND)
+            return manifest_from_rank_zero(output_uri)
         # Only the trained "default" adapter is the DPO model; the frozen "ref" copy stays behind.
         if "ref" in getattr(trainer.model, "peft_config", {}):
             trainer.model.delete_adapter("ref")
         write_training_outputs(out, trainer, processor, config, metrics, "DPO")
         if config.merge_adapter:
             merge_adapter_into_full_precision_base(out, config)
-        files = [p.relative_to(out).as_posix() for p in sorted(out.rglob("*")) if p.is_file()]
-        manifest = {
-            "kind": MODEL_KIND,
-            "stage": "dpo",
-            "base_model": config.base_model,
-            "adapter": True,
-            "method": config.method,
-            "quantization": config.resolved_quantization(),
-            "parent": {"uri": sft_model_uri, "content_hash": sft_manifest.get("content_hash")},
-            "dataset": {"uri": dataset_uri, "content_hash": dataset_manifest.get("content_hash")},
-            "config": to_dict(config),
-            "metrics": metrics,
-            "files": files,
-            "content_hash": artifacts.hash_files([str(out / f) for f in files if f.startswith("adapter/")]),
-        }
+        manifest = model_manifest(
+            out, config, metrics, stage="dpo", adapter=True,
+            dataset={"uri": dataset_uri, "content_hash": dataset.content_hash},
+            parent={"uri": sft_model_uri, "content_hash": sft_manifest.get("content_hash")},
+        )
     artifacts.write_manifest(output_uri, manifest)
     wait_for_everyone()
     return manifest

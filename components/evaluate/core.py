@@ -16,7 +16,9 @@ from typing import Any
 
 from components.common import artifacts, storage
 from components.common.config import to_dict
-from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
+from components.common.dataset import open_dataset
+from components.common.processor_settings import apply_processor_settings
+from components.common.schema import EVAL_KIND, MODEL_KIND
 from components.evaluate.config import EvaluateConfig
 from components.evaluate.metrics import METRICS, aggregate, preference_reward_stats
 
@@ -63,8 +65,6 @@ def run(
     from components.common.generation import GenerationOptions, generate_answers
     from components.common.modeling import load_for_inference
     from components.evaluate.report import write_report
-    from components.common.dataset import load_split
-    from components.common.processor_settings import apply_processor_settings
 
     if not models:
         raise ValueError("evaluate needs at least one trained model (e.g. --model sft=URI)")
@@ -73,22 +73,22 @@ def run(
 
         torch.set_num_threads(config.cpu_threads)
     started = time.time()
-    dataset_manifest = artifacts.read_manifest(dataset_uri, kind=DATASET_KIND)
-    if dataset_manifest.get("task") != "sft":
-        raise ValueError(f"{dataset_uri!r} is a {dataset_manifest.get('task')!r} dataset; evaluate needs a --task sft dataset (question/answer rows)")
+    dataset = open_dataset(dataset_uri)
+    if dataset.task != "sft":
+        raise ValueError(f"{dataset_uri!r} is a {dataset.task!r} dataset; evaluate needs a --task sft dataset (question/answer rows)")
     candidate = list(models)[-1]
     manifests = {name: artifacts.read_manifest(uri, kind=MODEL_KIND) for name, uri in models.items()}
     base_model = base_model or manifests[candidate]["base_model"]
     to_score: dict[str, str] = {"base": base_model, **models}
     champion = None
     if registry and registry_name:
-        from components.register.core import current_champion
+        from components.common.registry import current_champion
 
         champion = current_champion(registry, registry_name)
         if champion is not None:
             to_score["champion"] = champion.model_uri
 
-    eval_rows = load_split(dataset_uri, "eval")
+    eval_rows = dataset.split("eval")
     if config.max_rows:
         eval_rows = eval_rows.select(range(min(config.max_rows, eval_rows.num_rows)))
     if eval_rows.num_rows == 0:
@@ -112,7 +112,7 @@ def run(
         t0 = time.time()
         model, processor = load_for_inference(ref, trust_remote_code=config.trust_remote_code)
         # Resize images exactly as the dataset was prepared for, so token counts match training.
-        apply_processor_settings(processor, dataset_manifest.get("processor_settings"))
+        apply_processor_settings(processor, dataset.processor_settings)
         predictions[name] = generate_answers(model, processor, conversations, images, config.batch_size, options)
         if pairs is not None and name in reward_models.values():
             pair_logps[name] = {k: completion_logprobs(model, processor, pairs, k) for k in ("chosen", "rejected")}
@@ -163,7 +163,7 @@ def run(
         "metrics": {**{f"{name}_{config.metric}": s for name, s in scores.items()}, config.metric: scores[candidate],
                     **({f"dpo_{k}": v for k, v in metrics["preference"].items() if k in ("reward_accuracy", "reward_margin")}
                        if "preference" in metrics else {})},
-        "dataset": {"uri": dataset_uri, "content_hash": dataset_manifest.get("content_hash")},
+        "dataset": {"uri": dataset_uri, "content_hash": dataset.content_hash},
         "config": to_dict(config),
         "seconds": time.time() - started,
     })
@@ -176,7 +176,7 @@ def completion_logprobs(model, processor, rows, answer_key: str, batch_size: int
     """
     import torch
 
-    from components.sft.masking import IGNORE_INDEX, VisionSFTCollator
+    from components.common.training.collator import IGNORE_INDEX, VisionSFTCollator
 
     collator = VisionSFTCollator(processor)
     device = next(model.parameters()).device
@@ -197,12 +197,10 @@ def completion_logprobs(model, processor, rows, answer_key: str, batch_size: int
 
 def load_preference_pairs(preference_uri: str, max_rows: int = 0) -> list[dict]:
     """The held-out pairs of a prepared preference dataset (its eval split)."""
-    from components.common.dataset import load_split
-
-    manifest = artifacts.read_manifest(preference_uri, kind=DATASET_KIND)
-    if manifest.get("task") != "preference":
-        raise ValueError(f"{preference_uri!r} is a {manifest.get('task')!r} dataset; reward metrics need --task preference")
-    pairs = load_split(preference_uri, "eval")
+    preference = open_dataset(preference_uri)
+    if preference.task != "preference":
+        raise ValueError(f"{preference_uri!r} is a {preference.task!r} dataset; reward metrics need --task preference")
+    pairs = preference.split("eval")
     if max_rows:
         pairs = pairs.select(range(min(max_rows, pairs.num_rows)))
     return [pairs[i] for i in range(pairs.num_rows)]

@@ -1,0 +1,36 @@
+"""The TrainingArguments that SFT's ``SFTConfig`` and DPO's ``DPOConfig`` share, taken from our config."""
+from __future__ import annotations
+
+from components.common.modeling import device_settings
+from components.common.training.model import use_gradient_checkpointing
+
+
+def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None) -> dict:
+    """The TrainingArguments both SFT and DPO take from our config: schedule, precision/optimizer for the device,
+    checkpoints only when there is somewhere to publish them, no truncation (the steps drop over-budget rows)."""
+    settings = device_settings()
+    return dict(
+        output_dir=output_dir,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if checkpoint_uri else "no",
+        save_steps=config.save_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=settings.bf16,
+        optim=settings.optim,
+        gradient_checkpointing=use_gradient_checkpointing(config),
+        # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None,  # budget enforced by dropping rows; truncation could cut an image
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+    )

@@ -1,0 +1,82 @@
+"""The model a training step trains: the base (4-bit for QLoRA), LoRA settings, dtype fixes, and the merged
+full-precision copy written for serving."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.common.modeling import device_settings, load_base_model
+from components.common.training.config import TEXT_LORA_TARGETS, VISION_LORA_TARGETS
+
+
+def lora_config(config, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    targets = {
+        "text": TEXT_LORA_TARGETS,
+        "text+vision": f"({TEXT_LORA_TARGETS})|({VISION_LORA_TARGETS})",
+    }.get(config.lora_targets, config.lora_targets)
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        target_modules=targets,
+        modules_to_save=list(config.trainable_modules) or None,
+        task_type=task_type,
+        init_lora_weights=True,
+    )
+
+
+def use_gradient_checkpointing(config) -> bool:
+    value = str(config.gradient_checkpointing).lower()
+    return device_settings().device == "cuda" if value == "auto" else value == "true"
+
+
+def load_trainable_model(config):
+    """The base model ready for training: quantised and prepared for k-bit training for QLoRA, with the
+    vision tower frozen unless LoRA targets it (the trainer adds LoRA from the returned peft config)."""
+    if config.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
+    quantization = config.resolved_quantization()
+    model = load_base_model(config.base_model, quantization=quantization, trust_remote_code=config.trust_remote_code)
+    model.config.use_cache = False
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_gradient_checkpointing(config))
+    if config.method == "full":
+        vision = getattr(getattr(model, "model", model), "vision_model", None)
+        if vision is not None:
+            vision.requires_grad_(False)
+        return model, None
+    return model, lora_config(config)
+
+
+def trainable_parameter_count(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def keep_trainable_in_compute_dtype(model) -> None:
+    """TRL casts every trainable parameter of a quantised model to bf16 (the QLoRA paper's recipe for GPUs).
+    Without bf16 compute (CPU, older GPUs) that breaks fp32 matmuls, so cast them back to the compute dtype.
+    Call after building the trainer, before ``train()`` creates the optimizer."""
+    settings = device_settings()
+    if settings.bf16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != settings.dtype:
+            param.data = param.data.to(settings.dtype)
+
+
+def merge_adapter_into_full_precision_base(out: Path, config) -> None:
+    """Merged model for serving: the base is reloaded in full precision, never merged into 4-bit weights."""
+    import torch
+    from peft import PeftModel
+
+    base = load_base_model(config.base_model, quantization="none", dtype=torch.float32, trust_remote_code=config.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
