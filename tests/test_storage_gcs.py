@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from components.common import artifacts, gcs, storage
+from components.common import artifacts, storage
+from components.common.storage import gcs
 from components.common.artifacts import IncompleteArtifactError
 from components.common.storage import StorageError
 
