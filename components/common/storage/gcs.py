@@ -20,6 +20,9 @@ Use it through ``storage``: it validates every URI and calls :class:`GcsBackend`
   download as generation-pinned parallel byte ranges (``download_chunks_concurrently``), crc32c-checked.
 - Checksums: downloads are md5/crc32c-checked by the library; a mismatch (``DataCorruption``) is not retried
   by the library, so we re-run it (single objects in :func:`_call`, trees in :func:`_run_rounds`).
+
+It is one module, longer than most, on purpose: every function shares the client, the retry settings and the
+error translation above, and splitting them would only spread one backend over several files.
 """
 from __future__ import annotations
 
