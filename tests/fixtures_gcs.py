@@ -36,7 +36,7 @@ FAST_RETRY_ENV = {
 
 
 def _clear_client_cache() -> None:
-    from components.common import gcs
+    from components.common.storage import gcs
     gcs.client.cache_clear()
 
 
@@ -167,7 +167,7 @@ def gcs_bucket(gcs_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
     for k, v in FAST_RETRY_ENV.items():
         monkeypatch.setenv(k, v)
-    from components.common import gcs
+    from components.common.storage import gcs
     name = f"test-{uuid.uuid4().hex[:12]}"
     gcs.client().create_bucket(name)
     yield name

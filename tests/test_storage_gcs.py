@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from components.common import artifacts, gcs, storage
+from components.common import artifacts, storage
+from components.common.storage import gcs
 from components.common.artifacts import IncompleteArtifactError
 from components.common.storage import StorageError
 
@@ -119,6 +120,37 @@ def test_tree_round_trip_and_local_input(gcs_bucket, tmp_path):
             pass
     with pytest.raises(FileNotFoundError):
         storage.download_dir(f"gs://{gcs_bucket}/models/none", tmp_path / "x")
+
+
+def test_download_files(gcs_bucket, tmp_path, monkeypatch):
+    files = make_tree(tmp_path / "src")
+    uri = f"gs://{gcs_bucket}/ds"
+    storage.upload_dir(tmp_path / "src", uri)
+    wanted = ["d0/d1/f2.bin", "config.json", "d0/d1/d2/file 3.bin", "d0/f1.bin"]
+    from google.cloud.storage import transfer_manager
+    batches = []
+    real = transfer_manager.download_many
+    monkeypatch.setattr(transfer_manager, "download_many",
+                        lambda pairs, *a, **k: (batches.append(len(pairs)), real(pairs, *a, **k))[1])
+    got = storage.download_files([f"{uri}/{rel}" for rel in wanted], tmp_path / "dl")
+    assert got == [tmp_path / "dl" / rel for rel in wanted]  # relative to gs://.../ds, in the order given
+    assert [p.read_bytes() for p in got] == [files[rel] for rel in wanted]
+    assert batches == [len(wanted)]  # one parallel transfer for all of them
+    one = storage.download_files([f"{uri}/d0/d1/d2/file 3.bin"], tmp_path / "one")
+    assert one == [tmp_path / "one" / "file 3.bin"] and one[0].read_bytes() == files["d0/d1/d2/file 3.bin"]
+    # Files in two buckets: each keeps its bucket as the first folder.
+    other = f"test-other-{gcs_bucket[-6:]}"
+    gcs.client().create_bucket(other)
+    storage.write_bytes(f"gs://{other}/x/y.bin", b"y")
+    two = storage.download_files([f"{uri}/config.json", f"gs://{other}/x/y.bin"], tmp_path / "two")
+    assert two == [tmp_path / "two" / gcs_bucket / "ds/config.json", tmp_path / "two" / other / "x/y.bin"]
+    assert two[1].read_bytes() == b"y"
+    with pytest.raises(FileNotFoundError, match=f"gs://{gcs_bucket}/ds/nope does not exist"):
+        storage.download_files([f"{uri}/config.json", f"{uri}/nope"], tmp_path / "missing")
+    with pytest.raises(storage.BucketNotFoundError, match="no-such-bucket-xyz"):
+        storage.download_files(["gs://no-such-bucket-xyz/ds/a"], tmp_path / "nobucket")
+    with pytest.raises(StorageError, match="names a folder"):
+        storage.download_files([f"{uri}/d0/"], tmp_path / "folder")
 
 
 def test_large_file_resumable_upload_round_trip(gcs_bucket, tmp_path):
@@ -245,6 +277,19 @@ def test_round_trip_survives_10_percent_transient_failures(gcs_fault_proxy, gcs_
     assert proxy.total_faults >= 10, proxy.faults  # the faults really happened, and were all absorbed
     assert set(proxy.faults) >= {*FLAKY, "corrupt"}, proxy.faults
     assert "failed transiently" in caplog.text  # our per-file rounds ran (corrupt downloads)
+
+
+def test_download_files_survives_transient_failures(gcs_fault_proxy, gcs_bucket, tmp_path, caplog):
+    files = make_tree(tmp_path / "src", n=20, seed=5)
+    uri = f"gs://{gcs_bucket}/flaky-files"
+    storage.upload_dir(tmp_path / "src", uri)
+    gcs_fault_proxy.set_rates(**FLAKY)
+    gcs_fault_proxy.inject("corrupt", 2, path_contains="alt=media")  # checksum mismatch: only our rounds retry it
+    wanted = sorted(files)
+    got = storage.download_files([f"{uri}/{rel}" for rel in wanted], tmp_path / "dl")
+    assert [p.read_bytes() for p in got] == [files[rel] for rel in wanted]
+    assert gcs_fault_proxy.faults["corrupt"] == 2
+    assert "failed transiently" in caplog.text
 
 
 def test_write_if_absent_recognises_its_own_lost_success(gcs_fault_proxy, gcs_bucket):

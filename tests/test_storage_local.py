@@ -155,6 +155,33 @@ def test_upload_download_dir(root, tmp_path):
         storage.upload_dir(tmp_path / "nope", storage.join(root, "up2"))
 
 
+def test_download_files(root, tmp_path):
+    for rel in ("ds/train/0.parquet", "ds/train/1.parquet", "ds/eval/0.parquet", "ds/manifest.json"):
+        storage.write_text(storage.join(root, rel), rel)
+    uris = [storage.join(root, rel) for rel in ("ds/eval/0.parquet", "ds/train/1.parquet", "ds/manifest.json")]
+    out = tmp_path / "dl"
+    got = storage.download_files(uris, out)
+    assert got == [out / "eval/0.parquet", out / "train/1.parquet", out / "manifest.json"]  # order as given
+    assert [p.read_text() for p in got] == ["ds/eval/0.parquet", "ds/train/1.parquet", "ds/manifest.json"]
+    assert not (out / "train/0.parquet").exists()  # only the files named
+    one = storage.download_files([storage.join(root, "ds/train/0.parquet")], tmp_path / "one")
+    assert one == [tmp_path / "one" / "0.parquet"] and one[0].read_text() == "ds/train/0.parquet"
+    twice = storage.download_files([uris[0], uris[0]], tmp_path / "twice")
+    assert twice == [tmp_path / "twice" / "0.parquet"] * 2
+    # "..": names are taken from the normalised path, so nothing lands outside the target folder.
+    odd = storage.download_files([storage.join(root, "ds/train/../eval/0.parquet"), uris[1]], tmp_path / "odd")
+    assert odd == [tmp_path / "odd" / "eval/0.parquet", tmp_path / "odd" / "train/1.parquet"]
+    in_place = storage.download_files([uris[2]], tmp_path / "ds")  # the file's own folder: nothing to copy
+    assert in_place == [tmp_path / "ds" / "manifest.json"] and in_place[0].read_text() == "ds/manifest.json"
+    assert storage.download_files([], out) == []
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.download_files([storage.join(root, "ds/nope")], out)
+    with pytest.raises(StorageError, match="is a folder"):
+        storage.download_files([storage.join(root, "ds/train")], out)
+    with pytest.raises(StorageError, match="mixes gs:// URIs and local paths"):
+        storage.download_files([uris[0], "gs://bucket/ds/x"], out)
+
+
 def test_local_input(root):
     storage.write_text(storage.join(root, "in/a.txt"), "a")
     with storage.local_input(storage.join(root, "in")) as folder:

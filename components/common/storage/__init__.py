@@ -1,6 +1,11 @@
-"""One storage module for every URI a step touches: local paths, ``file://`` and ``gs://``.
+"""One storage facade for every URI a step touches: local paths, ``file://`` and ``gs://``.
 
 Every step reads and writes through these functions, so no step knows where it runs.
+
+The package: this facade parses and validates every URI (one place for URI rules) and dispatches by scheme to
+a backend, ``local.py`` (local paths and file://) or ``gcs.py`` (gs://, google-cloud-storage). Both satisfy
+the ``Backend`` protocol of ``backend.py``; ``errors.py`` holds the errors. Backends import only those two,
+never this facade.
 
 Interface (kept stable; backends may grow):
 - ``is_remote(uri)``, ``join(uri, *parts)``, ``to_local_path(uri)`` (local/file:// only)
@@ -11,6 +16,8 @@ Interface (kept stable; backends may grow):
   Exactly one of several racing writers gets ``True``, also when a lost response makes the client retry.
 - ``upload_dir(local_dir, uri)``, ``download_dir(uri, local_dir)``: parallel tree copies (the GCS transfer
   manager with threads); every file is checked, retried, or reported: none is dropped silently.
+- ``download_files(uris, local_dir)``: a list of files into ``local_dir``, named relative to their common
+  parent folder (parallel and checked per file on gs://, like ``download_dir``).
 - ``local_input(uri)``: context manager giving a local folder/file for a URI (downloaded if remote).
 - ``local_output(uri)``: context manager giving a local folder whose contents are published to ``uri`` on
   clean exit, the completion markers (``manifest.json``) last and create-only. Nothing is published and
@@ -37,15 +44,22 @@ folder is the only trace, and the target carries no marker.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
+import posixpath
 import re
-import shutil
-import tempfile
-import threading
-import uuid
 from pathlib import Path
 from typing import Iterator
+
+from components.common.storage.backend import Backend, Location
+from components.common.storage.errors import BucketNotFoundError, StorageError
+from components.common.storage.gcs import GcsBackend
+from components.common.storage.local import LocalBackend
+
+__all__ = [
+    "BucketNotFoundError", "FILE_SCHEME", "GCS_SCHEME", "MANIFEST", "StorageError", "delete", "download_dir",
+    "download_files", "exists", "is_remote", "join", "list_files", "local_input", "local_output", "read_bytes",
+    "read_text", "to_local_path", "upload_dir", "write_bytes", "write_if_absent", "write_text",
+]
 
 GCS_SCHEME = "gs://"
 FILE_SCHEME = "file://"
@@ -55,13 +69,8 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # https://cloud.google.com/storage/docs/buckets#naming (dotted names up to 222 chars, each part <= 63)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{1,220}[a-z0-9]$")
 
-
-class StorageError(RuntimeError):
-    """A storage operation failed in a way the caller should report to the user."""
-
-
-class BucketNotFoundError(StorageError):
-    """The gs:// bucket a URI names does not exist (or the account cannot see it)."""
+#: The backend of each scheme; local paths and file:// URIs are both "file".
+_BACKENDS: dict[str, Backend] = {"gs": GcsBackend(), "file": LocalBackend()}
 
 
 # ----------------------------------------------------------------------------------------------- URIs
@@ -135,60 +144,35 @@ def _split_gcs(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-def _gcs():
-    from components.common import gcs
-    return gcs
+def _locate(uri: str | os.PathLike) -> tuple[str, Location]:
+    """Validate ``uri`` and split it for its backend: ``(scheme, location)``, the scheme a key of _BACKENDS."""
+    uri = str(uri)
+    if is_remote(uri):
+        bucket, name = _split_gcs(uri)
+        return "gs", Location(uri, bucket, name)
+    return "file", Location(uri, "", str(to_local_path(uri)))
+
+
+def _resolve(uri: str | os.PathLike) -> tuple[Backend, Location]:
+    scheme, loc = _locate(uri)
+    return _BACKENDS[scheme], loc
 
 
 # ------------------------------------------------------------------------------------------ read / write
 
 def read_bytes(uri: str) -> bytes:
-    if is_remote(uri):
-        return _gcs().read_bytes(*_split_gcs(uri))
-    path = to_local_path(uri)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri!r} does not exist") from e
-    except IsADirectoryError as e:
-        raise StorageError(f"{uri!r} is a folder, not a file") from e
+    backend, loc = _resolve(uri)
+    return backend.read_bytes(loc)
 
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def _tmp_sibling(path: Path) -> Path:
-    # pid + thread + random: concurrent writers (processes or threads) never share a temp file.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
-
-
-def _write_tmp(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def write_bytes(uri: str, data: bytes) -> None:
     """Write (or overwrite) a file/object atomically: a reader sees the old bytes or the new, never half."""
-    if is_remote(uri):
-        _gcs().write_bytes(*_split_gcs(uri), bytes(data))
-        return
-    path = to_local_path(uri)
-    tmp = _write_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    backend, loc = _resolve(uri)
+    backend.write_bytes(loc, data)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -203,36 +187,14 @@ def write_if_absent(uri: str, data: bytes) -> bool:
     multipart: keep ``data`` under 8 MiB so no resumable upload is used; the emulator ignores preconditions on
     those); a retried request that meets its own earlier success is recognised as a win.
     """
-    if is_remote(uri):
-        return _gcs().write_if_absent(*_split_gcs(uri), bytes(data))
-    path = to_local_path(uri)
-    tmp = _write_tmp(path, data)
-    try:
-        os.link(tmp, path)  # atomic create-only with the full content: fails if path exists
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        # Filesystems without hard links (some FUSE mounts): O_EXCL still gives create-only.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+    backend, loc = _resolve(uri)
+    return backend.write_if_absent(loc, data)
 
 
 def exists(uri: str) -> bool:
     """True for an existing file/object, or a folder (locally a directory; on gs:// any object under it)."""
-    if is_remote(uri):
-        bucket, name = _split_gcs(uri)
-        return _gcs().exists(bucket, name)
-    return to_local_path(uri).exists()
+    backend, loc = _resolve(uri)
+    return backend.exists(loc)
 
 
 def delete(uri: str) -> None:
@@ -240,70 +202,68 @@ def delete(uri: str) -> None:
 
     On gs:// ``gs://b/run1`` deletes the object ``run1`` and objects under ``run1/``, never ``run10/...``.
     """
-    if is_remote(uri):
-        bucket, name = _split_gcs(uri)
-        _gcs().delete(bucket, name)
-        return
-    path = to_local_path(uri)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    backend, loc = _resolve(uri)
+    backend.delete(loc)
 
 
 def list_files(prefix_uri: str) -> list[str]:
     """All files under a folder URI, as full URIs (plain paths locally), sorted."""
-    if is_remote(prefix_uri):
-        bucket, name = _split_gcs(prefix_uri)
-        prefix = name.rstrip("/") + "/" if name.strip("/") else ""
-        return sorted(f"{GCS_SCHEME}{bucket}/{n}" for n in _gcs().list_names(bucket, prefix))
-    root = to_local_path(prefix_uri)
-    if not root.exists():
-        return []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    backend, loc = _resolve(prefix_uri)
+    return backend.list_files(loc)
 
 
 # ----------------------------------------------------------------------------------------------- trees
-
-def _local_files(local_dir: Path, exclude: tuple[str, ...] = ()) -> list[str]:
-    excluded = {e.strip("/") for e in exclude}
-    return sorted(
-        p.relative_to(local_dir).as_posix()
-        for p in local_dir.rglob("*")
-        if p.is_file() and p.relative_to(local_dir).as_posix() not in excluded
-    )
-
 
 def upload_dir(local_dir: str | os.PathLike, uri: str, *, exclude: tuple[str, ...] = ()) -> None:
     """Copy a local folder tree to ``uri``. Files named in ``exclude`` (relative paths) are skipped."""
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise FileNotFoundError(f"{str(local_dir)!r} is not a folder")
-    if is_remote(uri):
-        bucket, name = _split_gcs(uri)
-        _gcs().upload_dir(local_dir, bucket, name, exclude=exclude)
-        return
-    dest = to_local_path(uri)
-    if dest.resolve() == local_dir.resolve():
-        return
-    for rel in _local_files(local_dir, exclude):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local_dir / rel, target)
+    backend, loc = _resolve(uri)
+    backend.upload_dir(local_dir, loc, exclude)
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     """Copy the folder at ``uri`` into ``local_dir`` (created if needed). Returns ``local_dir``."""
     local_dir = Path(local_dir)
-    if is_remote(uri):
-        bucket, name = _split_gcs(uri)
-        _gcs().download_dir(bucket, name, local_dir)
-        return local_dir
-    src = to_local_path(uri)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{uri!r} is not a folder")
-    shutil.copytree(src, local_dir, dirs_exist_ok=True)
+    backend, loc = _resolve(uri)
+    backend.download_dir(loc, local_dir)
     return local_dir
+
+
+def download_files(uris: list[str], local_dir: str | os.PathLike) -> list[Path]:
+    """Copy files into ``local_dir``, each named by its path relative to the files' common parent folder.
+
+    ``gs://b/ds/train/0.parquet`` and ``gs://b/ds/eval/0.parquet`` land as ``train/0.parquet`` and
+    ``eval/0.parquet``; a single file lands as ``local_dir/NAME``; files of different buckets keep the bucket
+    as their first folder. Returns the local paths in the order given (a file given twice is copied once).
+    On gs:// the files download in parallel (the transfer manager), every file checked and transient failures
+    retried, as in :func:`download_dir`; locally they are plain copies. All URIs must be on one backend (all
+    gs://, or all local paths / file://). A missing file raises ``FileNotFoundError``, a folder
+    :class:`StorageError`.
+    """
+    local_dir = Path(local_dir)
+    located = [_locate(u) for u in uris]
+    if not located:
+        return []
+    schemes = {scheme for scheme, _ in located}
+    if len(schemes) > 1:
+        remote = next(loc.uri for scheme, loc in located if scheme == "gs")
+        local = next(loc.uri for scheme, loc in located if scheme != "gs")
+        raise StorageError(
+            f"download_files: the list mixes gs:// URIs and local paths (e.g. {remote!r} and {local!r}); "
+            f"download each backend's files in a call of its own."
+        )
+    # Each file as a "/"-separated key whose folders are its parents: bucket/name on gs://, the absolute,
+    # normalised path locally (so "a/../b" can never name a file outside local_dir).
+    keys = [f"{loc.bucket}/{loc.path}" if loc.bucket else os.path.abspath(loc.path) for _, loc in located]
+    common = posixpath.commonpath([posixpath.dirname(k) for k in keys])
+    targets = [local_dir / k[len(common):].lstrip("/") for k in keys]
+    pairs: dict[Path, Location] = {}
+    for (_, loc), target in zip(located, targets):
+        pairs.setdefault(target, loc)
+    _BACKENDS[schemes.pop()].download_files([(loc, target) for target, loc in pairs.items()])
+    return targets
 
 
 @contextlib.contextmanager
@@ -312,24 +272,9 @@ def local_input(uri: str) -> Iterator[Path]:
 
     The temp copy is removed when the block ends.
     """
-    if not is_remote(uri):
-        path = to_local_path(uri)
-        if not path.exists():
-            raise FileNotFoundError(f"input {uri!r} does not exist")
+    backend, loc = _resolve(uri)
+    with backend.local_input(loc) as path:
         yield path
-        return
-    bucket, name = _split_gcs(uri)
-    gcs = _gcs()
-    with tempfile.TemporaryDirectory(prefix="vlmtune-in-") as tmp:
-        if name and not name.endswith("/") and gcs.object_exists(bucket, name):
-            target = Path(tmp) / Path(name).name
-            gcs.download_file(bucket, name, target)
-            yield target
-        else:
-            prefix = name.rstrip("/") + "/" if name.strip("/") else ""
-            if not gcs.list_names(bucket, prefix, max_results=1):
-                raise FileNotFoundError(f"input {uri!r} does not exist (no object and no objects under it)")
-            yield download_dir(uri, Path(tmp) / "data")
 
 
 def _check_markers(uri: str, last: tuple[str, ...]) -> tuple[str, ...]:
@@ -338,25 +283,6 @@ def _check_markers(uri: str, last: tuple[str, ...]) -> tuple[str, ...]:
         if not m or any(seg in ("", ".", "..") for seg in m.split("/")):
             raise StorageError(f"local_output({uri!r}): bad marker name {m!r} in last=")
     return markers
-
-
-def _publish_local(staging: Path, dest: Path, markers: tuple[str, ...]) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for d in sorted(p for p in staging.rglob("*") if p.is_dir()):
-        (dest / d.relative_to(staging)).mkdir(parents=True, exist_ok=True)
-    for rel in _local_files(staging, markers):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(staging / rel, target)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            shutil.copy2(staging / rel, target)
-    for m in markers:  # last, create-only
-        src = staging / m
-        if src.is_file() and not write_if_absent(str(dest / m), src.read_bytes()):
-            raise StorageError(_marker_conflict(str(dest), m))
 
 
 def _marker_conflict(uri: str, marker: str) -> str:
@@ -385,27 +311,14 @@ def local_output(uri: str, *, last: tuple[str, ...] = (MANIFEST,)) -> Iterator[P
     """
     uri = str(uri)
     markers = _check_markers(uri, last)
-    if is_remote(uri):
-        _split_gcs(uri)
-        for m in markers:  # fails fast on a missing bucket or missing permissions, before any work
-            _gcs().delete_object(*_split_gcs(join(uri, m)))
-        with tempfile.TemporaryDirectory(prefix="vlmtune-out-") as tmp:
-            yield Path(tmp)
-            upload_dir(tmp, uri, exclude=markers)
-            for m in markers:
-                src = Path(tmp) / m
-                if src.is_file() and not write_if_absent(join(uri, m), src.read_bytes()):
-                    raise StorageError(_marker_conflict(uri, m))
-        return
-    dest = to_local_path(uri)
-    if dest.exists() and not dest.is_dir():
-        raise StorageError(f"local_output({uri!r}): the path exists and is a file, not a folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for m in markers:
-        (dest / m).unlink(missing_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name or 'out'}.partial-", dir=dest.parent))
-    try:
+    backend, loc = _resolve(uri)
+    marker_locs = [_resolve(join(uri, m))[1] for m in markers]
+    # Locally the conflict message names the folder on disk (file:// stripped), on gs:// the URI as given.
+    shown = uri if is_remote(uri) else loc.path
+    with backend.staging(loc, markers) as staging:
         yield staging
-        _publish_local(staging, dest, markers)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        backend.publish(staging, loc, markers)
+        for m, marker_loc in zip(markers, marker_locs):  # last, create-only
+            src = staging / m
+            if src.is_file() and not backend.write_if_absent(marker_loc, src.read_bytes()):
+                raise StorageError(_marker_conflict(shown, m))

@@ -1,6 +1,7 @@
 """google-cloud-storage backend for :mod:`components.common.storage` (gs:// URIs).
 
-Use it through ``storage``; these functions take ``(bucket, name)`` pairs already validated there.
+Use it through ``storage``: it validates every URI and calls :class:`GcsBackend`, whose methods unpack the
+:class:`Location` into the ``(bucket, name)`` functions of this module.
 
 - Credentials: ``STORAGE_EMULATOR_HOST`` set (fake-gcs-server in tests) -> ``AnonymousCredentials`` against it;
   otherwise Application Default Credentials (the service account on Vertex/Kubeflow). One client per
@@ -19,21 +20,27 @@ Use it through ``storage``; these functions take ``(bucket, name)`` pairs alread
   download as generation-pinned parallel byte ranges (``download_chunks_concurrently``), crc32c-checked.
 - Checksums: downloads are md5/crc32c-checked by the library; a mismatch (``DataCorruption``) is not retried
   by the library, so we re-run it (single objects in :func:`_call`, trees in :func:`_run_rounds`).
+
+It is one module, longer than most, on purpose: every function shares the client, the retry settings and the
+error translation above, and splitting them would only spread one backend over several files.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import mimetypes
 import os
 import random
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-from components.common.storage import BucketNotFoundError, StorageError
+from components.common.storage.backend import Location
+from components.common.storage.errors import BucketNotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +351,13 @@ def _sleep_backoff(round_no: int) -> None:
     time.sleep(random.uniform(0, min(cap, initial * (2 ** round_no))))
 
 
-def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callable[[list[str]], list]) -> None:
+def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callable[[list[str]], list], *,
+                missing_raises: bool = False) -> None:
     """Run ``run(items)`` (one result per item: None, an Exception or a UserWarning), re-running transient
-    failures in rounds; raise StorageError naming every file that still failed. Nothing is dropped."""
+    failures in rounds; raise StorageError naming every file that still failed. Nothing is dropped.
+
+    With ``missing_raises`` a missing object raises FileNotFoundError (the caller named the files itself),
+    as a missing bucket always raises BucketNotFoundError."""
     pending = list(items)
     failures: dict[str, BaseException] = {}
     give_up_at = time.monotonic() + retry_deadline_s()
@@ -367,7 +378,8 @@ def _run_rounds(op: str, bucket: str, prefix: str, items: list[str], run: Callab
         if permanent:
             item, exc = next(iter(permanent.items()))
             translated = _translate(exc, bucket, f"{prefix.rstrip('/')}/{item}" if prefix else item, op)
-            if isinstance(translated, BucketNotFoundError):
+            if isinstance(translated, BucketNotFoundError) or (
+                    missing_raises and isinstance(translated, FileNotFoundError)):
                 raise translated from exc
             raise StorageError(
                 f"{op} {_uri(bucket, prefix)}: {len(permanent)} of {len(items)} files failed, e.g. {item!r}: "
@@ -489,3 +501,100 @@ def download_dir(bucket: str, prefix: str, local_dir: Path) -> None:
         )
 
     _run_rounds("download", bucket, prefix, rel_names, run)
+
+
+def download_files(bucket: str, targets: dict[str, Path]) -> None:
+    """Download the objects ``name -> local file`` of one bucket in parallel (the transfer manager, threads).
+
+    Every file is checked and transient failures re-run in rounds, as in :func:`download_dir`; a missing object
+    raises FileNotFoundError. No sliced downloads here: the sizes that choose them would cost a request each.
+    """
+    from google.cloud.storage import transfer_manager
+
+    for name in targets:
+        if not name or name.endswith("/"):
+            raise StorageError(f"{_uri(bucket, name)} names a folder, not an object; give the object's full path")
+    if not targets:
+        return
+    for target in targets.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    b = client().bucket(bucket)
+
+    def run(batch: list[str]) -> list:
+        return transfer_manager.download_many(
+            [(b.blob(name), str(targets[name])) for name in batch],
+            download_kwargs={"retry": retry_policy(), "timeout": request_timeout()},
+            worker_type=transfer_manager.THREAD, max_workers=max_workers(), raise_exception=False,
+        )
+
+    _run_rounds("download", bucket, "", sorted(targets), run, missing_raises=True)
+
+
+# ------------------------------------------------------------------------------------------- backend
+
+def _folder_prefix(name: str) -> str:
+    """The object-name prefix of everything under the folder ``name`` ("" for the whole bucket)."""
+    return name.rstrip("/") + "/" if name.strip("/") else ""
+
+
+class GcsBackend:
+    """The gs:// backend (see :class:`components.common.storage.backend.Backend`).
+
+    Each method unpacks the :class:`Location` for the module function of the same name.
+    """
+
+    def read_bytes(self, loc: Location) -> bytes:
+        return read_bytes(loc.bucket, loc.path)
+
+    def write_bytes(self, loc: Location, data: bytes) -> None:
+        write_bytes(loc.bucket, loc.path, bytes(data))
+
+    def write_if_absent(self, loc: Location, data: bytes) -> bool:
+        return write_if_absent(loc.bucket, loc.path, bytes(data))
+
+    def exists(self, loc: Location) -> bool:
+        return exists(loc.bucket, loc.path)
+
+    def delete(self, loc: Location) -> None:
+        delete(loc.bucket, loc.path)
+
+    def list_files(self, loc: Location) -> list[str]:
+        return sorted(f"gs://{loc.bucket}/{n}" for n in list_names(loc.bucket, _folder_prefix(loc.path)))
+
+    def upload_dir(self, local_dir: Path, loc: Location, exclude: tuple[str, ...]) -> None:
+        upload_dir(local_dir, loc.bucket, loc.path, exclude=exclude)
+
+    def download_dir(self, loc: Location, local_dir: Path) -> None:
+        download_dir(loc.bucket, loc.path, local_dir)
+
+    def download_files(self, pairs: list[tuple[Location, Path]]) -> None:
+        by_bucket: dict[str, dict[str, Path]] = {}
+        for loc, target in pairs:
+            by_bucket.setdefault(loc.bucket, {})[loc.path] = target
+        for bucket, targets in by_bucket.items():
+            download_files(bucket, targets)
+
+    @contextlib.contextmanager
+    def local_input(self, loc: Location) -> Iterator[Path]:
+        """A temp download of the object, or of the folder if there is no object by that name."""
+        bucket, name = loc.bucket, loc.path
+        with tempfile.TemporaryDirectory(prefix="vlmtune-in-") as tmp:
+            if name and not name.endswith("/") and object_exists(bucket, name):
+                target = Path(tmp) / Path(name).name
+                download_file(bucket, name, target)
+                yield target
+            else:
+                if not list_names(bucket, _folder_prefix(name), max_results=1):
+                    raise FileNotFoundError(f"input {loc.uri!r} does not exist (no object and no objects under it)")
+                download_dir(bucket, name, Path(tmp) / "data")
+                yield Path(tmp) / "data"
+
+    @contextlib.contextmanager
+    def staging(self, loc: Location, stale: tuple[str, ...]) -> Iterator[Path]:
+        for m in stale:  # fails fast on a missing bucket or missing permissions, before any work
+            delete_object(loc.bucket, f"{_folder_prefix(loc.path)}{m}")
+        with tempfile.TemporaryDirectory(prefix="vlmtune-out-") as tmp:
+            yield Path(tmp)
+
+    def publish(self, staging: Path, loc: Location, exclude: tuple[str, ...]) -> None:
+        upload_dir(staging, loc.bucket, loc.path, exclude=exclude)
