@@ -50,7 +50,7 @@ def default_params(workdir: Path, config: dict[str, Any] | None = None) -> dict[
 
 
 def summarize(outputs: dict[str, Any], params: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-    from components.register.registry import open_registry
+    from components.common.registry import open_registry
 
     evaluation = artifacts.read_manifest(outputs["evaluation"], kind="vlmtune.evaluation")
     metrics = json.loads(Path(outputs["evaluation"], "metrics.json").read_text())

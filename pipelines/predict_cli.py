@@ -86,7 +86,7 @@ def _check_args(args, options: GenerationOptions) -> list[str]:
 def _cmd_predict(args) -> int:
     from components.predict.api import BatchFileError, Predictor, load_image, read_batch_file
     from components.predict.video import sample_frames
-    from components.register.registry import RegistryError
+    from components.common.registry import RegistryError
 
     options = generation_options(args)
     problems = _check_args(args, options)

@@ -84,7 +84,7 @@ def run_steps(base: str, source: str, out: str) -> dict[str, str]:
 def check_outputs(uris: dict[str, str]) -> dict:
     """Every artifact complete (manifest written last) and readable from gs://; returns what identifies them."""
     from components.common import artifacts, storage
-    from components.register.registry import open_registry
+    from components.common.registry import open_registry
     from components.common.snapshots import should_train
 
     data_manifest = artifacts.read_manifest(uris["dataset"])

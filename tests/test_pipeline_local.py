@@ -32,7 +32,7 @@ def _run(root, params, eval_config):
 
 def test_pipeline_gate_true_registers_then_gate_false_registers_nothing(pipeline_params):
     from components.common import artifacts
-    from components.register.registry import open_registry
+    from components.common.registry import open_registry
 
     root, params = pipeline_params
     eval_config = {"max_rows": 6, "batch_size": 6, "max_new_tokens": 3, "cpu_threads": 1}

@@ -265,7 +265,7 @@ def test_adapter_artifact_loads_merged_on_its_base(tiny, sft, demo_rows):
 
 
 def test_predict_from_registry_reference(capsys, tmp_path, sft, sft_model_dir, demo_rows, monkeypatch):
-    from components.register.registry import open_registry
+    from components.common.registry import open_registry
 
     registry = tmp_path / "registry"
     version = open_registry(str(registry)).register("shapes", str(sft_model_dir), content_hash="a" * 64, metrics={},

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("model_registry")
 
-from components.register.registry import RegistryError, open_registry, resolve_reference  # noqa: E402
+from components.common.registry import RegistryError, open_registry, resolve_reference  # noqa: E402
 
 API = "/api/model_registry/v1"
 

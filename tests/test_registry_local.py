@@ -12,15 +12,16 @@ import pytest
 
 from components.common import artifacts, storage
 from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
-from components.register import core, model_card
-from components.register.registry import (
+from components.common.registry import (
     ModelVersion,
     RegistryError,
+    current_champion,
     open_registry,
     parse_reference,
     resolve_reference,
 )
-from components.register.backends.local import LocalRegistry
+from components.common.registry.local import LocalRegistry
+from components.register import core, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +77,8 @@ def test_run_registers_versions_moves_champion_and_writes_card(tmp_path):
     assert reg.get("chart-vlm", 1).model_uri == m1
     assert reg.get("chart-vlm", "1").metrics == {"vqa": 0.6, "anls": 0.7}
     assert reg.get("chart-vlm", 3) is None and reg.get("chart-vlm", "staging") is None
-    assert core.current_champion(registry, "chart-vlm").model_uri == m2
-    assert core.current_champion(registry, "other-model") is None
+    assert current_champion(registry, "chart-vlm").model_uri == m2
+    assert current_champion(registry, "other-model") is None
 
     v2 = reg.get("chart-vlm", 2)
     assert v2.lineage["base_model"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -217,7 +218,7 @@ def test_open_registry_dispatches_on_scheme(tmp_path):
 # ---- concurrency -----------------------------------------------------------------------------------------------------
 _WORKER = """
 import json, sys
-from components.register.registry import open_registry
+from components.common.registry import open_registry
 root, name, n, content_hash = sys.argv[1:5]
 reg = open_registry(root)
 v = reg.register(name, f"gs://models/run-{n}", content_hash=content_hash, metrics={}, lineage={}, card="c")
@@ -296,7 +297,7 @@ def test_gcs_registry_end_to_end_through_core(gcs_bucket, tmp_path):
     assert storage.exists(f"{root}/vlm/versions/000001/version.json")
     assert storage.exists(f"{root}/vlm/versions/000001/README.md")
     assert resolve_reference(f"{root}::vlm@champion") == result["model_uri"]
-    assert core.current_champion(root, "never-registered") is None
+    assert current_champion(root, "never-registered") is None
     assert open_registry(root).get("vlm", "staging") is None and open_registry(root).get("vlm", 2) is None
 
 

@@ -16,8 +16,8 @@ from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient
 from google.cloud.aiplatform_v1.types import model as gca_model  # noqa: E402
 from google.cloud.aiplatform_v1.types import model_service as gca_ms  # noqa: E402
 
-from components.register.backends.vertex import lineage_labels, sanitize_label  # noqa: E402
-from components.register.registry import open_registry, resolve_reference  # noqa: E402
+from components.common.registry.vertex import lineage_labels, sanitize_label  # noqa: E402
+from components.common.registry import open_registry, resolve_reference  # noqa: E402
 
 PARENT = "projects/p1/locations/europe-west4"
 

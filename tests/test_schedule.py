@@ -212,7 +212,7 @@ def test_should_train():
 
 
 def test_champion_lineage_from_a_local_registry(tmp_path):
-    from components.register.registry import open_registry
+    from components.common.registry import open_registry
     from components.common.snapshots import champion_lineage
 
     registry = str(tmp_path / "registry")

@@ -113,7 +113,7 @@ def should_train(dataset_manifest: dict[str, Any] | None, champion_lineage: dict
 
 def champion_lineage(registry: str, name: str) -> dict[str, Any] | None:
     """The lineage of ``name@champion`` in ``registry`` (any registry URI ``register`` takes); None if none."""
-    from components.register.registry import open_registry
+    from components.common.registry import current_champion
 
-    version = open_registry(registry).get(name, "champion")
+    version = current_champion(registry, name)
     return dict(version.lineage) if version else None

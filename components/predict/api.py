@@ -46,7 +46,7 @@ def resolve_model(ref: str, registry: str | None = None) -> str:
     named in the reference, ``REGISTRY::NAME@REF``, or in ``$VLMTUNE_REGISTRY``); anything else is a
     folder, ``gs://`` URI or hub id.
     """
-    from components.register.registry import parse_reference, resolve_reference
+    from components.common.registry import parse_reference, resolve_reference
 
     ref = str(ref).strip()
     if Path(ref).exists():

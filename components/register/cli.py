@@ -19,8 +19,8 @@ import json
 import sys
 
 from components.common.artifacts import IncompleteArtifactError
+from components.common.registry import CHAMPION, RegistryError, open_registry
 from components.register import core
-from components.register.registry import CHAMPION, RegistryError, open_registry
 
 
 def make_parser() -> argparse.ArgumentParser:

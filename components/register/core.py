@@ -17,8 +17,8 @@ from typing import Any
 
 from components.common import artifacts, storage
 from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
+from components.common.registry import CHAMPION, ModelVersion, RegistryError, open_registry
 from components.register import model_card
-from components.register.registry import CHAMPION, ModelVersion, RegistryError, open_registry
 
 
 class EvaluationFailedError(RegistryError):
@@ -166,8 +166,3 @@ def _result(version: ModelVersion, *, already_registered: bool) -> dict:
         "champion": CHAMPION in version.aliases,
         "already_registered": already_registered,
     }
-
-
-def current_champion(registry: str, name: str) -> ModelVersion | None:
-    """The version the ``champion`` alias points at, or None (no registry entry yet, or no champion)."""
-    return open_registry(registry).get(name, CHAMPION)

@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 from components.common import storage
-from components.register.registry import (
+from components.common.registry.types import (
     CHAMPION,
     LATEST,
     ModelVersion,

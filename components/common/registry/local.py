@@ -29,7 +29,7 @@ import threading
 import time
 
 from components.common import storage
-from components.register.registry import (
+from components.common.registry.types import (
     CHAMPION,
     LATEST,
     ModelVersion,

@@ -22,7 +22,7 @@ import time
 import warnings
 
 from components.common import storage
-from components.register.registry import (
+from components.common.registry.types import (
     CHAMPION,
     LATEST,
     ModelVersion,

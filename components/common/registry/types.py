@@ -1,22 +1,22 @@
-"""One small model-registry interface with three backends: ``local`` (folder or ``gs://``), ``vertex``, ``kubeflow``.
+"""The model-registry contract: what a version is, what every backend offers, and the names and references.
 
 A registry holds named models; each registration of a new artifact becomes a numbered version that points at
 the model where it already lies (``model_uri``: nothing is copied) and carries its metrics, lineage and a
 model card. Aliases name versions; ``champion`` is the one evaluation compares against and serving uses.
 ``latest`` is not stored: it always means the highest version number.
 
-Registry targets (:func:`open_registry`)::
+This module is shared by the backends (``local``, ``vertex``, ``kubeflow`` beside it), the factory that picks
+one (:mod:`components.common.registry.factory`) and every step that reads or writes a registry (register,
+evaluate, predict, the pipeline's snapshot check). It imports no backend and no factory, so backends can
+import it without an import circle.
 
-    /path/to/registry  or  file:///path  or  gs://bucket/prefix   -> local backend (components.common.storage)
-    vertex://projects/PROJECT/locations/LOCATION                  -> Vertex AI Model Registry
-    kubeflow://HOST:PORT                                          -> Kubeflow Model Registry (plain HTTP;
-                                                                     pass is_secure=True for TLS)
-
-Model references (:func:`resolve_reference`, used by ``vlmtune predict --model`` and evaluation)::
+Model references (:func:`parse_reference`; resolved by ``factory.resolve_reference``, used by
+``vlmtune predict --model`` and evaluation)::
 
     [REGISTRY::]NAME@REF
 
-    REGISTRY   a registry target as above; when omitted, the ``VLMTUNE_REGISTRY`` environment variable
+    REGISTRY   a registry target (see ``factory.open_registry``); when omitted, the ``VLMTUNE_REGISTRY``
+               environment variable
     NAME       the registered name: letters, digits, ``.``, ``_``, ``-`` (no ``/``, so paths and hub ids never
                look like references)
     REF        a version number (``3``), ``latest``, ``champion`` or another alias
@@ -26,10 +26,9 @@ Model references (:func:`resolve_reference`, used by ``vlmtune predict --model``
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 CHAMPION = "champion"
 LATEST = "latest"
@@ -127,76 +126,9 @@ def parse_ref(ref: str | int) -> int | str:
     return ref
 
 
-def _local(root: str, **options) -> Registry:
-    from components.register.backends.local import LocalRegistry
-    return LocalRegistry(root, **options)
-
-
-def _vertex(project: str, location: str, **options) -> Registry:
-    from components.register.backends.vertex import VertexRegistry
-    return VertexRegistry(project=project, location=location, **options)
-
-
-def _kubeflow(host: str, port: int, **options) -> Registry:
-    from components.register.backends.kubeflow import KubeflowRegistry
-    return KubeflowRegistry(host=host, port=port, **options)
-
-
-# Imports stay lazy so the local backend never pays for (or needs) aiplatform or model-registry.
-BACKENDS: dict[str, Callable[..., Registry]] = {"local": _local, "vertex": _vertex, "kubeflow": _kubeflow}
-
-_VERTEX_RE = re.compile(r"^vertex://projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/?$")
-_KUBEFLOW_RE = re.compile(r"^kubeflow://(?P<host>[^:/]+)(?::(?P<port>\d+))?/?$")
-
-
-def open_registry(target: str, **options) -> Registry:
-    """The registry a target URI names (see the module docstring). ``options`` go to the backend."""
-    target = str(target).strip()
-    if not target:
-        raise RegistryError(f"no registry given: pass a folder, gs:// prefix, vertex:// or kubeflow:// URI, or set {REGISTRY_ENV}")
-    if target.startswith("vertex://"):
-        m = _VERTEX_RE.match(target)
-        if not m:
-            raise RegistryError(f"{target!r} is not a Vertex registry URI; expected vertex://projects/PROJECT/locations/LOCATION")
-        return BACKENDS["vertex"](m["project"], m["location"], **options)
-    if target.startswith("kubeflow://"):
-        m = _KUBEFLOW_RE.match(target)
-        if not m:
-            raise RegistryError(f"{target!r} is not a Kubeflow registry URI; expected kubeflow://HOST:PORT")
-        return BACKENDS["kubeflow"](m["host"], int(m["port"] or 8080), **options)
-    if "://" in target and not target.startswith(("gs://", "file://")):
-        raise RegistryError(
-            f"{target!r}: unknown registry scheme; use a folder, file://, gs://, vertex:// or kubeflow:// URI"
-        )
-    return BACKENDS["local"](target, **options)
-
-
 def parse_reference(ref: str) -> tuple[str | None, str, int | str] | None:
     """``"[REGISTRY::]NAME@REF"`` -> (registry or None, name, version number or alias); None if not that form."""
     m = REFERENCE_RE.match(str(ref).strip())
     if not m:
         return None
     return m["registry"], m["name"], parse_ref(m["ref"])
-
-
-def resolve_reference(ref: str, **options) -> str | None:
-    """The ``model_uri`` a registry reference points at, or None when ``ref`` is not a registry reference.
-
-    None lets callers try the string as a folder, ``gs://`` URI or hub id instead. A string that *is* a
-    reference but cannot be resolved (no registry known, unknown name or version) raises RegistryError.
-    """
-    parsed = parse_reference(ref)
-    if parsed is None:
-        return None
-    registry, name, version_ref = parsed
-    registry = registry or os.environ.get(REGISTRY_ENV)
-    if not registry:
-        raise RegistryError(
-            f"{ref!r} is a registry reference without a registry: write it as REGISTRY::{name}@{version_ref} "
-            f"(e.g. gs://bucket/registry::{name}@{version_ref}) or set {REGISTRY_ENV}."
-        )
-    version = open_registry(registry, **options).get(name, version_ref)
-    if version is None:
-        raise RegistryError(f"{ref!r}: registry {registry!r} has no version {version_ref!r} of model {name!r}. "
-                            f"List what it has with `vlmtune registry list --registry {registry} --name {name}`.")
-    return version.model_uri

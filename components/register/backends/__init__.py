@@ -1,1 +1,0 @@
-"""Registry backends behind components.register.registry.Registry."""
