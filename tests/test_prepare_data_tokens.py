@@ -124,8 +124,8 @@ def test_processor_from_gs_folder_skips_weights(gcs_bucket, smolvlm_processor, t
     storage.upload_dir(smolvlm_processor, f"gs://{gcs_bucket}/model")
     storage.write_bytes(f"gs://{gcs_bucket}/model/model.safetensors", b"not really weights")
     read = []
-    real_read = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read(uri))
+    real_download = storage.download_files
+    monkeypatch.setattr(storage, "download_files", lambda uris, local_dir: read.extend(uris) or real_download(uris, local_dir))
     settings = processor_settings.load_processor_settings(f"gs://{gcs_bucket}/model", longest_edge=800)
     assert settings["size"] == {"longest_edge": 768}  # snapped down to whole 384 px tiles
     assert settings["image_seq_len"] == 81

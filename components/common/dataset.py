@@ -161,12 +161,7 @@ class PreparedDataset:
         if storage.is_remote(self.uri):
             # load_dataset copies the rows into its own Arrow cache, so the downloaded shards can go right after.
             with tempfile.TemporaryDirectory(prefix="vlmtune-dataset-") as tmp:
-                local_files = []
-                for i, uri in enumerate(files):
-                    target = Path(tmp) / f"{i:05d}.parquet"
-                    target.write_bytes(storage.read_bytes(uri))
-                    local_files.append(str(target))
-                return load(local_files)
+                return load([str(path) for path in storage.download_files(files, tmp)])
         files = [str(storage.to_local_path(f)) for f in files]
         missing = [f for f in files if not Path(f).exists()]
         if missing:

@@ -103,13 +103,11 @@ def load_processor_settings(ref: str, longest_edge: int | None = None) -> dict[s
 
     if storage.is_remote(ref):
         # Fetch only the processor's small files, never the model weights next to them.
+        prefix = ref.rstrip("/") + "/"
+        wanted = [uri for uri in storage.list_files(ref)
+                  if "/" not in uri[len(prefix):] and Path(uri).suffix not in WEIGHT_SUFFIXES]
         with tempfile.TemporaryDirectory(prefix="vlmtune-processor-") as tmp:
-            prefix = ref.rstrip("/") + "/"
-            for uri in storage.list_files(ref):
-                rel = uri[len(prefix):]
-                if "/" in rel or Path(rel).suffix in WEIGHT_SUFFIXES:
-                    continue
-                (Path(tmp) / rel).write_bytes(storage.read_bytes(uri))
+            storage.download_files(wanted, tmp)
             processor = _load(tmp)
     else:
         local = storage.to_local_path(ref)
