@@ -23,11 +23,11 @@ The Kubeflow settings file may carry a `kubernetes:` section (see pipelines/conf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from pipelines import configs
 from pipelines.pipeline import STEPS, PipelineSettings, build_pipeline
 
 TARGETS = ("vertex", "kubeflow")
@@ -132,7 +132,7 @@ def target_settings(target: str, settings_file: str | None = None, overrides: di
     `kubernetes:` section becomes the settings' `task_hook`; it is refused for Vertex."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
-    text = Path(settings_file).read_text() if settings_file else resources.files("pipelines").joinpath(f"configs/{target}.yaml").read_text()
+    text = Path(settings_file).read_text() if settings_file else configs.read_text(f"{target}.yaml")
     values = yaml.safe_load(text) or {}
     values.update(overrides or {})
     kube = values.pop("kubernetes", None)

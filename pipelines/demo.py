@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.common import artifacts
+from pipelines import configs
 
 
 def demo_config() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("pipelines").joinpath("configs/demo.yaml").read_text())
+    """The shipped run defaults, ``pipelines/configs/demo.yaml`` (package data, so an installed copy has it)."""
+    return configs.load("demo.yaml")
 
 
 def ensure_demo_inputs(workdir: Path, rows: int = 600, seed: int = 0) -> dict[str, str]:

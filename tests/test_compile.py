@@ -1,7 +1,7 @@
 """Compiled pipeline specs, per target, against reviewed golden files (tests/golden/<target>.yaml).
 
-When the pipeline, a component interface or a shipped settings file (pipelines/configs/<target>.yaml) changes,
-the golden test fails with a diff; review it, then regenerate:
+When the pipeline, a component interface or a shipped settings file (pipelines/configs/<target>.yaml, whose keys
+tests/test_configs.py checks) changes, the golden test fails with a diff; review it, then regenerate:
 
     VLMTUNE_UPDATE_GOLDEN=1 pytest tests/test_compile.py      # or: python -m tests.test_compile --update-golden
 

@@ -133,13 +133,13 @@ def test_processor_from_gs_folder_skips_weights(gcs_bucket, smolvlm_processor, t
 
 
 def test_demo_data_through_the_cli_with_the_shipped_config(tmp_path, capsys):
-    """The lead's demo generator + configs/prepare_data/demo*.yaml + a tiny-model-like processor, via the CLI."""
+    """The lead's demo generator + pipelines/configs/prepare_data/demo*.yaml + a tiny-model-like processor, via the CLI."""
     from components.common.demo_data import write_demo_data
     from components.prepare_data import cli
 
     demo = write_demo_data(tmp_path / "demo", rows=30, preference_rows=12)
     processor = build_processor(tmp_path / "proc", 128, 64, 4)
-    configs = Path(__file__).parents[1] / "configs" / "prepare_data"
+    configs = Path(__file__).parents[1] / "pipelines" / "configs" / "prepare_data"
     for task, config in (("sft", "demo.yaml"), ("preference", "demo_preference.yaml")):
         rc = cli.main(["--source", str(demo / task), "--output", str(tmp_path / task), "--config", str(configs / config),
                        "--processor", str(processor), "--no-progress", "--num-workers", "0"])

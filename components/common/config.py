@@ -129,7 +129,3 @@ def load_config(cls: type[T], path: str | None = None, overrides: dict[str, Any]
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def help_of(cls: type, name: str) -> str:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]

@@ -4,6 +4,12 @@ Load it with ``components.common.config.load_config(PrepareDataConfig, path, ove
 reported at once by :meth:`PrepareDataConfig.validate`. A ``preset`` fills in the column mapping of a common
 dataset layout; any field you set yourself wins over the preset (a field still at its default takes the
 preset's value).
+
+``PRESETS`` below is the one place a preset's values are written. ``--preset NAME`` and ``preset: NAME`` in a
+YAML both name it; the shipped ``pipelines/configs/prepare_data/*.yaml`` name theirs and add only
+dataset-specific settings (tests/test_configs.py refuses a shipped file that repeats a preset's value). They stay
+in code rather than in YAML files because the step resolves them inside its own container, where it may read
+only its own package and ``components.common``.
 """
 from __future__ import annotations
 
@@ -39,15 +45,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, choices: tuple[str, ...] | None = None) -> dict[str, object]:
+    """Field metadata: the help text of its --flag and, if given, the only values the flag accepts."""
+    return {"help": text, "choices": choices} if choices else {"help": text}
 
 
 @dataclass
 class PrepareDataConfig:
-    task: str = field(default="sft", metadata=_help("'sft' (question/answer rows) or 'preference' (chosen/rejected rows)."))
+    task: str = field(default="sft", metadata=_help("'sft' (question/answer rows) or 'preference' (chosen/rejected rows).", TASKS))
     preset: str | None = field(
-        default=None, metadata=_help(f"Column layout preset: {', '.join(PRESETS)}. Fields you set yourself win.")
+        default=None, metadata=_help(f"Column layout preset: {', '.join(PRESETS)}. Fields you set yourself win.", tuple(sorted(PRESETS)))
     )
     # Column mapping.
     image_column: str = field(default="image", metadata=_help("Column with the image: a path relative to the source, bytes, a {bytes,path} struct, or a list of these."))
@@ -65,7 +72,7 @@ class PrepareDataConfig:
     source_split: str | None = field(default=None, metadata=_help("For a `datasets` DatasetDict source: the split to read (default: all splits)."))
     # Splitting.
     eval_fraction: float = field(default=0.2, metadata=_help("Share of rows in the eval split, decided by a hash of the row id (stable when data is appended)."))
-    duplicates: str = field(default="reject", metadata=_help("Rows with identical content (text + image bytes): 'reject' (keep the first, count the rest) or 'keep'."))
+    duplicates: str = field(default="reject", metadata=_help("Rows with identical content (text + image bytes): 'reject' (keep the first, count the rest) or 'keep'.", DUPLICATE_RULES))
     # Images.
     processor: str | None = field(
         default=None,
@@ -76,7 +83,7 @@ class PrepareDataConfig:
         metadata=_help("Longest image edge for training (default: the processor's size['longest_edge']). Snapped down to a multiple of the processor's tile size; saved in the manifest so training uses the same."),
     )
     max_image_pixels: int = field(default=64_000_000, metadata=_help("Decompression-bomb guard: images with more pixels are rejected before decoding."))
-    image_format: str = field(default="auto", metadata=_help("Encoding of stored images: 'png', 'jpeg', or 'auto' (JPEG sources stay JPEG, others PNG)."))
+    image_format: str = field(default="auto", metadata=_help("Encoding of stored images: 'png', 'jpeg', or 'auto' (JPEG sources stay JPEG, others PNG).", IMAGE_FORMATS))
     jpeg_quality: int = field(default=95, metadata=_help("JPEG quality (1-100) when images are re-encoded as JPEG."))
     # Robustness and speed.
     max_invalid_fraction: float = field(default=0.05, metadata=_help("Fail when more than this share of input rows is invalid (duplicates not counted)."))
