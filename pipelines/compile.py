@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from pipelines import configs
-from pipelines.pipeline import STEPS, PipelineSettings, build_pipeline
+from pipelines.pipeline import PipelineSettings, build_pipeline
+from pipelines.steps import STEPS
 
 TARGETS = ("vertex", "kubeflow")
 GPU_RESOURCE = "nvidia.com/gpu"

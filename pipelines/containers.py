@@ -1,19 +1,12 @@
-"""Step container images: their names, building and pushing them, and running one step in its container.
+"""Step container images: building and pushing them, and running one step in its container.
 
-Every step runs from one of two images (docker/Dockerfile.cpu, docker/Dockerfile.cuda); both hold the whole
-project and the `vlmtune` entry point, so a step in a container is `vlmtune <step> <args>` exactly as on the host.
-Image references come from one place, `image_for(step, registry_prefix, tag)`, which the pipeline, the
-CLI and the runners all call.
-
-    vlmtune images build [--kind cpu|cuda] [--registry-prefix us-central1-docker.pkg.dev/PROJECT/vlmtune] [--tag T]
-    vlmtune images push  [--kind ...] --registry-prefix ... [--tag T]
-    vlmtune step prepare-data --docker [--engine podman] -- --source ./data --output ./out
+Image names come from pipelines/images.py; the `vlmtune images` and `vlmtune step` commands that drive this
+module are pipelines/container_cli.py.
 
 docker or podman is used, whichever is there (`--engine` to choose); both take the same arguments here.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pathlib
@@ -23,24 +16,22 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
+from pipelines.images import (
+    DEFAULT_REGISTRY_PREFIX,
+    ENV_REGISTRY_PREFIX,
+    default_registry_prefix,
+    default_tag,
+    image_for,
+    image_ref,
+)
+from pipelines.steps import step_command
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-#: Which image each step runs in. Training and evaluation want a GPU; data preparation and registration do not.
-STEP_IMAGE_KIND: dict[str, str] = {
-    "prepare_data": "cpu",
-    "sft": "cuda",
-    "dpo": "cuda",
-    "evaluate": "cuda",
-    "register": "cpu",
-}
-#: Dockerfile (relative to the repository root, which is the build context) and image name of each kind.
+#: Dockerfile of each image kind (pipelines/images.py names the kinds), relative to the repository root, which is
+#: the build context.
 DOCKERFILES: dict[str, str] = {"cpu": "docker/Dockerfile.cpu", "cuda": "docker/Dockerfile.cuda"}
-IMAGE_NAMES: dict[str, str] = {"cpu": "vlmtune-cpu", "cuda": "vlmtune-cuda"}
 
-#: `localhost/...` is what podman calls a locally built image; docker accepts the same name, so one default serves both.
-DEFAULT_REGISTRY_PREFIX = "localhost"
-ENV_REGISTRY_PREFIX = "VLMTUNE_IMAGE_PREFIX"
-ENV_TAG = "VLMTUNE_IMAGE_TAG"
 ENV_ENGINE = "VLMTUNE_CONTAINER_ENGINE"
 
 #: Passed from the caller's environment into a step container by name only (`-e NAME`), so no value, such as a
@@ -56,57 +47,6 @@ PASSTHROUGH_ENV = (
 )
 #: PyTorch data loader workers share tensors through /dev/shm; docker's default 64 MB makes them crash.
 DEFAULT_SHM_SIZE = "8g"
-
-
-def step_key(step: str) -> str:
-    """`prepare-data` (CLI spelling) or `prepare_data` (Python spelling) -> `prepare_data`; unknown steps fail."""
-    key = step.replace("-", "_")
-    if key not in STEP_IMAGE_KIND:
-        raise ValueError(f"unknown step {step!r}: expected one of {', '.join(sorted(STEP_IMAGE_KIND))}")
-    return key
-
-
-def step_command(step: str) -> str:
-    """The `vlmtune` subcommand of a step: `prepare_data` -> `prepare-data`."""
-    return step_key(step).replace("_", "-")
-
-
-def default_tag() -> str:
-    """`$VLMTUNE_IMAGE_TAG`, else the installed project version, else `dev` (never `latest`: a run must name
-    exactly the image it used)."""
-    if os.environ.get(ENV_TAG):
-        return os.environ[ENV_TAG]
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("vlmtune")
-    except PackageNotFoundError:
-        return "dev"
-
-
-def default_registry_prefix() -> str:
-    return os.environ.get(ENV_REGISTRY_PREFIX) or DEFAULT_REGISTRY_PREFIX
-
-
-def image_ref(kind: str, registry_prefix: str, tag: str) -> str:
-    if kind not in IMAGE_NAMES:
-        raise ValueError(f"unknown image kind {kind!r}: expected one of {', '.join(IMAGE_NAMES)}")
-    prefix = registry_prefix.rstrip("/")
-    name = f"{prefix}/{IMAGE_NAMES[kind]}" if prefix else IMAGE_NAMES[kind]
-    return f"{name}:{tag}"
-
-
-def image_for(step: str, registry_prefix: str, tag: str, *, gpu: bool = True) -> str:
-    """The image a step runs in, e.g. `image_for("sft", "us-central1-docker.pkg.dev/p/vlmtune", "0.1.0")` ->
-    `us-central1-docker.pkg.dev/p/vlmtune/vlmtune-cuda:0.1.0`.
-
-    `gpu=False` maps the CUDA steps onto the CPU image (the CPU variant of the training image: same project,
-    same pins, CPU torch), for local runs without a GPU.
-    """
-    kind = STEP_IMAGE_KIND[step_key(step)]
-    if kind == "cuda" and not gpu:
-        kind = "cpu"
-    return image_ref(kind, registry_prefix, tag)
 
 
 # --------------------------------------------------------------------------------------------------- engines
@@ -442,104 +382,3 @@ def docker_runner_kwargs(
     if any(host in emulator for host in ("localhost", "127.0.0.1", "[::1]")):
         kwargs["network_mode"] = "host"
     return kwargs
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _kinds(values: list[str] | None) -> list[str]:
-    kinds = values or ["all"]
-    return list(IMAGE_NAMES) if "all" in kinds else kinds
-
-
-def _cmd_images(args: argparse.Namespace) -> int:
-    kinds = _kinds(args.kind)
-    if args.images_command == "build":
-        options = BuildOptions(
-            base_image=args.base_image,
-            build_args=dict(kv.split("=", 1) for kv in args.build_arg),
-            build_volumes=args.build_volume,
-            isolation=args.isolation,
-            network=args.network,
-        )
-        if args.host_pip_config:
-            options = host_pip_build_options(options)
-        refs = build_images(kinds, args.registry_prefix, args.tag, args.engine, options, dry_run=args.dry_run)
-    else:
-        refs = push_images(kinds, args.registry_prefix, args.tag, args.engine, dry_run=args.dry_run)
-    print("\n".join(refs))
-    return 0
-
-
-def _add_step_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--docker", action="store_true", help="run inside the step's container image")
-    parser.add_argument("--engine", choices=["docker", "podman"], help="container CLI (default: detect)")
-    parser.add_argument("--image", help="image to use (default: image_for(step) with prefix and tag from "
-                                        f"${ENV_REGISTRY_PREFIX} / ${ENV_TAG})")
-    parser.add_argument("--gpus", help="GPUs for the container: all, a count, or ids like 0,1")
-    parser.add_argument("--mount", action="append", metavar="SRC[:DST[:MODE]]",
-                        help="extra volume, beyond the local paths found in ARGS (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the container command without running it")
-
-
-def _split_step_args(args: argparse.Namespace) -> list[str]:
-    """argparse gives everything after NAME to `step_args` (REMAINDER). Our own options may sit there before `--`:
-    parse them out; the rest, and everything after `--`, belongs to the step."""
-    rest = list(args.step_args)
-    cut = rest.index("--") if "--" in rest else len(rest)
-    own = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    _add_step_options(own)
-    parsed, unknown = own.parse_known_args(rest[:cut])
-    for key, value in vars(parsed).items():
-        setattr(args, key, (getattr(args, key) or []) + value if key == "mount" else value)
-    return unknown + rest[cut + 1:]
-
-
-def _cmd_step(args: argparse.Namespace) -> int:
-    step_args = _split_step_args(args)
-    if args.docker:
-        return run_step_in_container(args.name, step_args, image=args.image, engine=args.engine, gpus=args.gpus,
-                                     mounts=args.mount or [], dry_run=args.dry_run)
-    from pipelines.cli import main  # in-process: exactly `vlmtune <step> <args>`
-
-    return main([step_command(args.name), *step_args]) or 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `vlmtune images build|push` and `vlmtune step NAME [--docker] -- ARGS...`. Each parser sets
-    `func(args) -> int`."""
-    images = subparsers.add_parser("images", help="build or push the step container images")
-    images_sub = images.add_subparsers(dest="images_command", required=True)
-    for name, help_text in (("build", "build the images from docker/"), ("push", "push built images to a registry")):
-        p = images_sub.add_parser(name, help=help_text)
-        p.add_argument("--kind", action="append", choices=[*IMAGE_NAMES, "all"],
-                       help="image kind (repeatable; default all: cpu and cuda)")
-        p.add_argument("--registry-prefix", default=None,
-                       help=f"registry path before the image name, e.g. REGION-docker.pkg.dev/PROJECT/REPO "
-                            f"(default ${ENV_REGISTRY_PREFIX} or '{DEFAULT_REGISTRY_PREFIX}')")
-        p.add_argument("--tag", default=None, help=f"image tag (default ${ENV_TAG} or the project version)")
-        p.add_argument("--engine", choices=["docker", "podman"], default=None, help="container CLI (default: detect)")
-        p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-        if name == "build":
-            p.add_argument("--base-image", default=None,
-                           help="BASE_IMAGE build arg, e.g. localhost/vlmtune-base:bookworm from docker/build_local_base.sh")
-            p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
-                           help="extra build arg, e.g. PIP_INDEX_URL=https://mirror/simple or TORCH_INDEX_URL=")
-            p.add_argument("--build-volume", action="append", default=[], metavar="SRC:DST[:ro]",
-                           help="podman only: mount a host folder into build steps (e.g. a wheel directory)")
-            p.add_argument("--isolation", default=None, help="podman/buildah isolation, e.g. chroot")
-            p.add_argument("--network", default=None, help="network for RUN steps, e.g. host")
-            p.add_argument("--host-pip-config", action="store_true",
-                           help="podman only: carry this machine's pip index/find-links/CA settings into the build")
-        p.set_defaults(func=_cmd_images)
-
-    step = subparsers.add_parser(
-        "step", help="run one pipeline step, in-process or in its container",
-        usage="vlmtune step NAME [--docker] [--engine docker|podman] [--image IMG] [--gpus G] [--mount M] -- ARGS...",
-        description="Run `vlmtune NAME ARGS...`; with --docker inside the step's image, local paths in ARGS mounted.",
-    )
-    _add_step_options(step)
-    step.add_argument("name", choices=sorted({*STEP_IMAGE_KIND, *map(step_command, STEP_IMAGE_KIND)}),
-                      help="step name")
-    step.add_argument("step_args", nargs=argparse.REMAINDER, help="arguments of the step, after --")
-    step.set_defaults(func=_cmd_step)

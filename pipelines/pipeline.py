@@ -1,7 +1,7 @@
 """The vlmtune pipeline: prepare data -> SFT (QLoRA) -> DPO -> evaluate -> [passed?] -> register.
 
 Every step is a lightweight Python component whose container image comes from one place
-(:func:`pipelines.containers.image_for`), so on Vertex AI and Kubeflow each step runs in its own image and
+(:func:`pipelines.images.image_for`), so on Vertex AI and Kubeflow each step runs in its own image and
 under kfp.local the very same components run in-process. Per-step resources, retries and caching come from a
 :class:`PipelineSettings`, applied when the pipeline is built (compile once per target).
 """
@@ -18,9 +18,9 @@ from components.evaluate.component import evaluate
 from components.prepare_data.component import prepare_data
 from components.register.component import register
 from components.sft.component import sft
-from pipelines.containers import default_registry_prefix, default_tag, image_for
+from pipelines.images import default_registry_prefix, default_tag, image_for
+from pipelines.steps import STEPS
 
-STEPS = ("prepare_data", "sft", "dpo", "evaluate", "register")
 PIPELINE_NAME = "vlmtune"
 
 
@@ -117,8 +117,9 @@ def build_pipeline(settings: PipelineSettings | None = None):
                                                sft_model=sft_task.outputs["model"],
                                                dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,
                                                registry_name=registry_name), "evaluate", settings, "evaluate")
-        # Gate on evaluate's single bool return value: kfp.local skips a dsl.If on a float compared with an
-        # int literal, and cannot resolve a named NamedTuple output, in both cases silently (see PITFALLS).
+        # Gate on evaluate's single bool return value. A float output compared with an int literal compiles to
+        # `double(0)`, which kfp.local's condition evaluator does not know, and kfp.local cannot resolve a named
+        # NamedTuple output: in both cases it skips both branches and still reports the run as succeeded.
         with dsl.If(eval_task.outputs["Output"] == True, name="passed-gate"):  # noqa: E712
             _configure(ops["register"](model=dpo_task.outputs["model"], evaluation=eval_task.outputs["evaluation"],
                                        dataset=sft_data.outputs["dataset"], registry=registry, name=registry_name),

@@ -45,9 +45,9 @@ def generation_options(args) -> GenerationOptions:
                              top_p=args.top_p, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="Ask a model about images, a batch file (JSONL) or a video.",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="folder, gs:// URI, hub id or [REGISTRY::]NAME@VERSION|ALIAS")
     p.add_argument("--registry", help="registry for NAME@REF references (default: $VLMTUNE_REGISTRY)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
@@ -63,7 +63,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="--batch: no progress bar")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_generation_arguments(p)
-    p.set_defaults(func=_cmd_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlmtune predict ...`: 0 with the answers printed or written, 2 on bad input or a model that cannot load."""
+    return _cmd_predict(make_parser().parse_args(argv))
 
 
 def _check_args(args, options: GenerationOptions) -> list[str]:

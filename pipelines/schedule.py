@@ -13,9 +13,9 @@ get a leading "0"; 6 fields are accepted as they are for Kubeflow. Kubeflow fire
 (UTC unless its operator changed it), so `--time-zone` there must be UTC.
 
 What a scheduled run trains on: the same parameters every time, so name the data as a moving snapshot
-(``gs://BUCKET/exports/{date}/sft`` or a ``.../LATEST`` pointer file; see pipelines/snapshots.py), which the
-pipeline resolves when the run starts. Checkpoint URIs are left to the pipeline (a fixed one would make every
-run resume the previous run's checkpoint), and registration still goes through the evaluation gate.
+(``gs://BUCKET/exports/{date}/sft`` or a ``.../LATEST`` pointer file; see components/common/snapshots.py),
+which the pipeline resolves when the run starts. Checkpoint URIs are left to the pipeline (a fixed one would
+make every run resume the previous run's checkpoint), and registration still goes through the evaluation gate.
 """
 from __future__ import annotations
 
@@ -24,15 +24,10 @@ import re
 import sys
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pipelines.submit import (
-    KubeflowOptions,
-    SubmitError,
-    VertexOptions,
-    add_target_arguments,
-    checked_inputs,
-    pipeline_template,
-    vertex_job,
-)
+from pipelines.kubeflow import KubeflowOptions, create_kubeflow, list_kubeflow
+from pipelines.params import SubmitError
+from pipelines.targets import TARGETS, add_target_arguments, checked_inputs, pipeline_template
+from pipelines.vertex import create_vertex, list_vertex, vertex_schedule
 
 MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
 DAYS = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
@@ -123,63 +118,6 @@ def check_time_zone(name: str) -> None:
         raise CronError(f"--time-zone {name!r} is not an IANA time zone (e.g. Europe/Paris, America/New_York, UTC)") from e
 
 
-# ------------------------------------------------------------------------------------------- Vertex AI
-
-def create_vertex(template, params: dict, name: str, cron: str, options: VertexOptions, *, max_run_count=None,
-                  max_concurrent_run_count: int = 1, start_time: str | None = None, end_time: str | None = None):
-    from google.cloud import aiplatform
-
-    job = vertex_job(template, params, name, options)
-    schedule = aiplatform.PipelineJobSchedule(pipeline_job=job, display_name=name, credentials=options.credentials,
-                                              project=options.project, location=options.region)
-    schedule.create(cron=cron, max_run_count=max_run_count, max_concurrent_run_count=max_concurrent_run_count,
-                    start_time=start_time, end_time=end_time, service_account=options.service_account,
-                    network=options.network)
-    return schedule
-
-
-def _vertex_schedule(schedule_id: str, project: str, region: str, credentials=None):
-    from google.cloud import aiplatform
-
-    return aiplatform.PipelineJobSchedule.get(schedule_id, project=project, location=region, credentials=credentials)
-
-
-def list_vertex(project: str, region: str, credentials=None) -> list[dict]:
-    from google.cloud import aiplatform
-
-    rows = []
-    for s in aiplatform.PipelineJobSchedule.list(project=project, location=region, credentials=credentials):
-        res = s.gca_resource
-        rows.append({"id": s.resource_name.rsplit("/", 1)[-1], "name": res.display_name, "state": res.state.name,
-                     "cron": res.cron, "next_run": str(res.next_run_time) if res.next_run_time else ""})
-    return rows
-
-
-# ------------------------------------------------------------------------------------------- Kubeflow
-
-def create_kubeflow(template, params: dict, name: str, cron: str, options: KubeflowOptions, *, client=None,
-                    max_concurrency: int = 1, start_time: str | None = None, end_time: str | None = None):
-    client = client or options.client()
-    experiment = client.create_experiment(name=options.experiment, namespace=options.namespace)
-    # no_catchup: after a pause, one run for the missed interval, not one per missed night.
-    return client.create_recurring_run(
-        experiment_id=experiment.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
-        no_catchup=True, params=params, pipeline_package_path=str(template), pipeline_root=options.pipeline_root,
-        enable_caching=options.enable_caching, service_account=options.service_account, start_time=start_time,
-        end_time=end_time,
-    )
-
-
-def list_kubeflow(client, namespace: str | None) -> list[dict]:
-    response = client.list_recurring_runs(page_size=100, namespace=namespace)
-    rows = []
-    for r in response.recurring_runs or []:
-        cron = r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else ""
-        rows.append({"id": r.recurring_run_id, "name": r.display_name, "state": str(r.status or r.mode), "cron": cron,
-                     "next_run": ""})
-    return rows
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 def _print_rows(rows: list[dict], out=None) -> None:
@@ -221,10 +159,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _kubeflow_client(args):
-    import os
-
-    options = KubeflowOptions(host=args.host or os.environ.get("KF_PIPELINES_ENDPOINT"), namespace=args.namespace,
-                              existing_token=os.environ.get("KFP_TOKEN") or None)
+    options = KubeflowOptions.from_environment(args.host, args.namespace)
     problems = options.problems()
     if problems:
         raise SubmitError("\n  ".join(problems))
@@ -251,7 +186,7 @@ def _cmd_change(args: argparse.Namespace) -> int:
     action = args.schedule_command
     if args.target == "vertex":
         _check_vertex_location(args)
-        schedule = _vertex_schedule(args.id, args.project, args.region)
+        schedule = vertex_schedule(args.id, args.project, args.region)
         {"pause": schedule.pause, "resume": schedule.resume, "delete": schedule.delete}[action]()
     else:
         client = _kubeflow_client(args)
@@ -272,16 +207,16 @@ def _run(func):
 
 
 def _add_location(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", choices=("vertex", "kubeflow"), required=True)
+    p.add_argument("--target", choices=TARGETS, required=True)
     p.add_argument("--project")
     p.add_argument("--region")
     p.add_argument("--host", help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT); token from $KFP_TOKEN")
     p.add_argument("--namespace")
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("schedule", help="Create, list, pause, resume or delete scheduled pipeline runs.",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtune schedule", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="schedule_command", required=True)
 
     c = sub.add_parser("create", help="schedule the pipeline with a cron expression")
@@ -305,3 +240,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         _add_location(a)
         a.add_argument("id", help="schedule id (Vertex: the number or full resource name; Kubeflow: recurring run id)")
         a.set_defaults(func=_run(_cmd_change))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlmtune schedule create|list|pause|resume|delete ...`: 0 when done, 2 on bad input."""
+    args = make_parser().parse_args(argv)
+    return args.func(args)

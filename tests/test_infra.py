@@ -1,5 +1,5 @@
-"""Images and infrastructure, checked without a container engine or a cloud: image names and container command
-lines (pipelines/containers.py), the image pins, hadolint over every Dockerfile, checkov over infra/ and docker/,
+"""Images and infrastructure, checked without a container engine or a cloud: image names (pipelines/images.py) and
+container command lines (pipelines/containers.py, pipelines/container_cli.py), the image pins, hadolint over every Dockerfile, checkov over infra/ and docker/,
 the Terraform variables/outputs, and the kustomize overlay rendered by `kubectl kustomize` where kubectl exists.
 
 hadolint and checkov come from requirements-lint.txt, installed in a venv of their own (checkov's pins clash with
@@ -7,7 +7,6 @@ the project's): put its bin/ on PATH or set VLMTUNE_LINT_BIN; the lint tests ski
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pipelines import containers
+from pipelines import container_cli, containers, images
 
 REPO = Path(__file__).resolve().parent.parent
 TERRAFORM = REPO / "infra/terraform/gcp"
@@ -46,22 +45,22 @@ def _lint_tool(name: str) -> str:
 
 def test_each_step_maps_to_its_image_kind():
     prefix = "us-central1-docker.pkg.dev/p/vlmtune-images"
-    assert {step: containers.image_for(step, prefix, "0.1.0") for step in containers.STEP_IMAGE_KIND} == {
+    assert {step: images.image_for(step, prefix, "0.1.0") for step in images.STEP_IMAGE_KIND} == {
         "prepare_data": f"{prefix}/vlmtune-cpu:0.1.0",
         "sft": f"{prefix}/vlmtune-cuda:0.1.0",
         "dpo": f"{prefix}/vlmtune-cuda:0.1.0",
         "evaluate": f"{prefix}/vlmtune-cuda:0.1.0",
         "register": f"{prefix}/vlmtune-cpu:0.1.0",
     }
-    assert containers.image_for("prepare-data", "localhost/", "t") == "localhost/vlmtune-cpu:t"
-    assert containers.image_for("sft", "", "t", gpu=False) == "vlmtune-cpu:t"
+    assert images.image_for("prepare-data", "localhost/", "t") == "localhost/vlmtune-cpu:t"
+    assert images.image_for("sft", "", "t", gpu=False) == "vlmtune-cpu:t"
     with pytest.raises(ValueError, match="unknown step 'train'"):
-        containers.image_for("train", "x", "t")
+        images.image_for("train", "x", "t")
 
 
 def test_every_image_kind_has_a_dockerfile():
     assert {p.name for p in DOCKERFILES} >= {Path(f).name for f in containers.DOCKERFILES.values()}
-    assert set(containers.STEP_IMAGE_KIND.values()) <= set(containers.DOCKERFILES)
+    assert set(images.STEP_IMAGE_KIND.values()) <= set(containers.DOCKERFILES)
 
 
 # --------------------------------------------------------------------------------------------------- run a step
@@ -122,41 +121,34 @@ def test_docker_runner_kwargs_are_ones_kfp_accepts(tmp_path):
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def _cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune")
-    containers.register_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
 
 
 def test_cli_step_docker_dry_run_prints_the_container_command(tmp_path, capsys):
-    args = _cli().parse_args(["step", "prepare-data", "--docker", "--engine", "podman", "--image", "img:t",
-                              "--dry-run", "--", "--source", str(tmp_path), "--output", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    assert container_cli.step_main(["prepare-data", "--docker", "--engine", "podman", "--image", "img:t",
+                                    "--dry-run", "--", "--source", str(tmp_path), "--output", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().err
     assert f"img:t prepare-data --source {tmp_path} --output {tmp_path}/out" in printed
     assert f"-v {tmp_path}:{tmp_path}" in printed
     # Options before NAME work too; without `--`, unknown options belong to the step.
-    args = _cli().parse_args(["step", "--dry-run", "--docker", "sft", "--engine", "docker", "--image", "i",
-                              "--gpus", "all", "--epochs", "3"])
-    assert args.func(args) == 0
+    assert container_cli.step_main(["--dry-run", "--docker", "sft", "--engine", "docker", "--image", "i",
+                                    "--gpus", "all", "--epochs", "3"]) == 0
     printed = capsys.readouterr().err
     assert "--gpus all" in printed and printed.rstrip().endswith("i sft --epochs 3")
 
 
 def test_cli_images_build_and_push_dry_run(capsys):
-    args = _cli().parse_args(["images", "build", "--kind", "cpu", "--engine", "docker", "--registry-prefix", "r/p",
-                              "--tag", "1.2", "--base-image", "my/base:1", "--build-arg", "TORCH_INDEX_URL=", "--dry-run"])
-    assert args.func(args) == 0
+    assert container_cli.images_main(["build", "--kind", "cpu", "--engine", "docker", "--registry-prefix", "r/p",
+                                      "--tag", "1.2", "--base-image", "my/base:1", "--build-arg", "TORCH_INDEX_URL=",
+                                      "--dry-run"]) == 0
     out = capsys.readouterr()
     assert out.out.split() == ["r/p/vlmtune-cpu:1.2"]
     assert (f"docker build -f {REPO}/docker/Dockerfile.cpu -t r/p/vlmtune-cpu:1.2 --build-arg BASE_IMAGE=my/base:1 "
             f"--build-arg TORCH_INDEX_URL= {REPO}") in out.err
-    args = _cli().parse_args(["images", "push", "--engine", "docker", "--registry-prefix", "r/p", "--tag", "1.2", "--dry-run"])
-    assert args.func(args) == 0
+    assert container_cli.images_main(["push", "--engine", "docker", "--registry-prefix", "r/p", "--tag", "1.2",
+                                      "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == ["r/p/vlmtune-cpu:1.2", "r/p/vlmtune-cuda:1.2"]
-    args = _cli().parse_args(["images", "push", "--engine", "docker", "--registry-prefix", "localhost", "--dry-run"])
     with pytest.raises(ValueError, match="pushing needs a registry"):
-        args.func(args)
+        container_cli.images_main(["push", "--engine", "docker", "--registry-prefix", "localhost", "--dry-run"])
 
 
 def test_host_pip_settings_are_carried_into_the_build(monkeypatch, tmp_path):

@@ -379,15 +379,10 @@ def test_kfp_on_vertex_gcs_fuse_paths_are_registered_as_gs_uris(gcs_bucket, tmp_
     assert version.lineage["evaluation_uri"] == f"gs://{gcs_bucket}/runs/1/eval"
 
 
-def test_registry_commands_plug_into_a_parent_parser(tmp_path, capsys):
-    import argparse
-
-    from components.register import cli
+def test_registry_commands_run_from_the_vlmtune_cli(tmp_path, capsys):
+    from pipelines.cli import main
 
     reg = open_registry(str(tmp_path / "registry"))
     register(reg, "vlm", 1)
-    parser = argparse.ArgumentParser(prog="vlmtune")
-    cli.register_cli(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["registry", "show", "--registry", str(tmp_path / "registry"), "--name", "vlm"])
-    assert args.func(args) == 0
+    assert main(["registry", "show", "--registry", str(tmp_path / "registry"), "--name", "vlm"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1

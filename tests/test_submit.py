@@ -330,7 +330,7 @@ def test_vertex_refuses_a_kubeflow_template(vertex_fake, params_file, templates,
 
 
 def test_params_and_sets_merge_and_checkpoints_default():
-    from pipelines.submit import load_params, with_checkpoints
+    from pipelines.params import load_params, with_checkpoints
 
     params = load_params(None, ["base_model=org/m", "sft_config.max_steps=10", "sft_config.method=lora",
                                 "eval_config.min_delta=0.01"])
@@ -338,6 +338,19 @@ def test_params_and_sets_merge_and_checkpoints_default():
     kept = with_checkpoints({"sft_checkpoint_uri": "gs://x/mine"}, "gs://r/", "run-1")
     assert kept == {"sft_checkpoint_uri": "gs://x/mine", "dpo_checkpoint_uri": "gs://r/checkpoints/run-1/dpo"}
     assert with_checkpoints({}, "minio://mlpipeline/v2", "run-1") == {}
+
+
+def test_run_and_submit_share_one_set_merge():
+    from pipelines.params import SubmitError, merge_overrides
+
+    base = {"base_model": "org/m", "sft_config": {"max_steps": 5, "method": "lora"}}
+    assert merge_overrides(base, ["sft_config.max_steps=10", "registry_name=x"]) == {
+        "base_model": "org/m", "sft_config": {"max_steps": 10, "method": "lora"}, "registry_name": "x"}
+    assert base["sft_config"]["max_steps"] == 5  # the caller's mapping is left alone
+    with pytest.raises(SubmitError, match="unknown pipeline parameter 'registry_nam'; known: base_model, sft_config"):
+        merge_overrides(base, ["registry_nam=x"], only_known=True)  # `vlmtune run` starts from every parameter
+    with pytest.raises(SubmitError, match="base_model is not a config section"):
+        merge_overrides(base, ["base_model.revision=main"])
 
 
 # ------------------------------------------------------------------------------------------- Kubeflow

@@ -6,8 +6,8 @@
     vlmtune registry show    --registry gs://b/registry --name chart-vlm --ref champion
     vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion]
 
-``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (``register_cli(subparsers)`` adds
-it to the top-level ``vlmtune`` parser); both print JSON to stdout and
+``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (the ``vlmtune`` CLI dispatches
+to both); both print JSON to stdout and
 return 0 on success, 1 on a problem (reported in one line on stderr), 2 when the evaluation gate refused the model.
 Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
 ``registry_main``).
@@ -54,13 +54,6 @@ def make_registry_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune registry", description="Look into a model registry.")
     _add_registry_commands(p)
     return p
-
-
-def register_cli(subparsers) -> None:
-    """Add ``vlmtune registry list|show|promote`` to the top-level ``vlmtune`` parser's sub-commands."""
-    p = subparsers.add_parser("registry", help="List, show or promote registered model versions.")
-    _add_registry_commands(p)
-    p.set_defaults(func=run_registry_command)
 
 
 def _print(obj) -> None:
