@@ -29,7 +29,7 @@ setup-lint: $(LINT_VENV)/bin/checkov
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vlmtune demo --workdir $(WORKDIR)
 
-# The default tier plus the container tier: tests/test_container.py builds the CPU image with podman on a
+# The default tier plus the container tier: tests/pipelines/test_containers.py builds the CPU image with podman on a
 # debootstrap base and runs prepare-data in it (skipped, saying why, where podman/buildah/debootstrap are absent).
 test: setup setup-lint
 	VLMTUNE_LINT_BIN=$(abspath $(LINT_VENV))/bin $(BIN)/python -m pytest -m "not slow and not gpu"

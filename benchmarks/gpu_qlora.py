@@ -22,7 +22,7 @@ estimated by ``model_flops`` below, per second over the GPU's dense bf16 peak; N
 or on CPU). The last line printed is one JSON object.
 
 ``--smoke`` swaps in a scaled-down config (2 x 32 vision, 2 x 64 text, 64 px tiles) and a few steps so the
-script is exercised on a CPU in CI (tests/test_benchmarks_smoke.py).
+script is exercised on a CPU in CI (tests/benchmarks/test_smoke.py).
 """
 from __future__ import annotations
 

@@ -21,42 +21,54 @@ from pipelines.steps import STEPS, run_step, step_command
 Command = Callable[[list[str]], int]
 
 
-def _tiny_model(argv: list[str]) -> int:
+def tiny_model_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune tiny-model", description=COMMANDS["tiny-model"][1])
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def _tiny_model(argv: list[str]) -> int:
+    args = tiny_model_parser().parse_args(argv)
     from components.common.tiny_model import build_tiny_model
 
     print(f"tiny model written to {build_tiny_model(args.output, seed=args.seed)}")
     return 0
 
 
-def _demo_data(argv: list[str]) -> int:
+def demo_data_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune demo-data", description=COMMANDS["demo-data"][1])
     p.add_argument("--output", required=True)
     p.add_argument("--rows", type=int, default=600)
     p.add_argument("--preference-rows", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def _demo_data(argv: list[str]) -> int:
+    args = demo_data_parser().parse_args(argv)
     from components.common.demo_data import write_demo_data
 
     print(f"demo data written to {write_demo_data(args.output, rows=args.rows, preference_rows=args.preference_rows, seed=args.seed)}")
     return 0
 
 
-def _demo(argv: list[str]) -> int:
+def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune demo", description=COMMANDS["demo"][1])
     p.add_argument("--workdir", default="./demo-workdir")
     p.add_argument("--no-cache", action="store_true", help="Re-run every step even if kfp's cache has it.")
-    args = p.parse_args(argv)
+    return p
+
+
+def _demo(argv: list[str]) -> int:
+    args = demo_parser().parse_args(argv)
     from pipelines.demo import run_demo
 
     summary = run_demo(args.workdir, caching=not args.no_cache)
     return 0 if summary["passed"] else 1
 
 
-def _run(argv: list[str]) -> int:
+def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune run", description=COMMANDS["run"][1])
     p.add_argument("--workdir", default="./demo-workdir", help="Pipeline root, registry and defaults live here.")
     p.add_argument("--config", help="YAML with base_model, sft_source, preference_source, registry, registry_name, *_config sections.")
@@ -64,7 +76,11 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess", help="subprocess: in this environment; docker: each step in its image.")
     p.add_argument("--gpus", help="docker runner: GPUs for the steps ('all', a count, or ids).")
     p.add_argument("--no-cache", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
     import time
 
     import yaml
@@ -98,7 +114,7 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def _compile(argv: list[str]) -> int:
+def compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune compile", description=COMMANDS["compile"][1])
     p.add_argument("--target", choices=["vertex", "kubeflow"], required=True)
     p.add_argument("--output", required=True)
@@ -106,7 +122,11 @@ def _compile(argv: list[str]) -> int:
     p.add_argument("--registry-prefix", help="Image registry prefix, e.g. us-central1-docker.pkg.dev/PROJECT/vlmtune")
     p.add_argument("--image-tag")
     p.add_argument("--scheduled", action="store_true", help="The retraining variant: skip training when the data equals the champion's.")
-    args = p.parse_args(argv)
+    return p
+
+
+def _compile(argv: list[str]) -> int:
+    args = compile_parser().parse_args(argv)
     from pipelines.compile import compile_pipeline, target_settings
 
     overrides = {k: v for k, v in {"registry_prefix": args.registry_prefix, "image_tag": args.image_tag}.items() if v}

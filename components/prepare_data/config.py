@@ -7,7 +7,7 @@ preset's value).
 
 ``PRESETS`` below is the one place a preset's values are written. ``--preset NAME`` and ``preset: NAME`` in a
 YAML both name it; the shipped ``pipelines/configs/prepare_data/*.yaml`` name theirs and add only
-dataset-specific settings (tests/test_configs.py refuses a shipped file that repeats a preset's value). They stay
+dataset-specific settings (tests/pipelines/test_configs.py refuses a shipped file that repeats a preset's value). They stay
 in code rather than in YAML files because the step resolves them inside its own container, where it may read
 only its own package and ``components.common``.
 """

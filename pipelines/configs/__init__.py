@@ -4,7 +4,7 @@
     vertex.yaml             vlmtune compile --target vertex: pipeline settings (images, resources, retries)
     kubeflow.yaml           vlmtune compile --target kubeflow: the same, plus the `kubernetes:` section
     prepare_data/NAME.yaml  vlmtune prepare-data --config pipelines/configs/prepare_data/NAME.yaml: one dataset
-                            layout's settings (`tests/test_configs.py` checks every file against what reads it)
+                            layout's settings (`tests/pipelines/test_configs.py` checks every file against what reads it)
 
 Why a folder inside `pipelines` (package data, read through :func:`read_text`) and not a top-level `configs/`:
 the step images install the project non-editable (`pip install /tmp/build/src` in docker/Dockerfile.*, with a

@@ -1,6 +1,6 @@
 """The CPU step image, built and run for real with podman on a base image made by debootstrap.
 
-    pytest -m container tests/test_container.py -s     # as root; -s shows the build and the timings
+    pytest -m container tests/pipelines/test_containers.py -s     # as root; -s shows the build and the timings
 
 No public image can be pulled here, so docker/build_local_base.sh makes the base from Debian's mirror (the rootfs
 tarball is cached in $VLMTUNE_CACHE_DIR, default /var/cache/vlmtune). The image is then built from docker/ with
@@ -27,7 +27,7 @@ import pytest
 
 from pipelines import containers
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("VLMTUNE_CACHE_DIR", "/var/cache/vlmtune"))
 BASE_IMAGE = "localhost/vlmtune-base:bookworm"
 TAG = "container-test"

@@ -1,6 +1,6 @@
 """prepare-data reads every supported source layout and preset into the same row schema.
 
-Run: pytest tests/test_prepare_data_sources.py -q
+Run: pytest tests/components/prepare_data/test_sources.py -q
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from tests.fixtures_models import TINY_TRAINING
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[4]
 MAX_STEPS = 8
 SAVE_STEPS = 3
 TRAINING = {**TINY_TRAINING, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS}

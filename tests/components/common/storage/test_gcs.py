@@ -371,7 +371,7 @@ def test_writer_killed_mid_upload_marks_nothing_complete(gcs_fault_proxy, gcs_bu
     import sys
 
     uri = f"gs://{gcs_bucket}/artifacts/preempted"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, uri], cwd=Path(__file__).resolve().parents[1],
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, uri], cwd=Path(__file__).resolve().parents[4],
                             env={**os.environ, "VLMTUNE_GCS_MAX_WORKERS": "2", "TMPDIR": str(tmp_path)})
     uploads = []
 

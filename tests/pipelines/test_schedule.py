@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.test_submit import PARAMS, VERTEX_ARGS, _main, kfp_fake, params_file, templates, vertex_fake  # noqa: F401
+from tests.pipelines.test_submit import PARAMS, VERTEX_ARGS, _main, kfp_fake, params_file, templates, vertex_fake  # noqa: F401
 
 # ------------------------------------------------------------------------------------------- cron
 

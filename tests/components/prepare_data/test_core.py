@@ -1,6 +1,6 @@
 """prepare-data: a corpus of nasty inputs built here, exact rejects and exact good rows, crash safety, splits.
 
-Run: pytest tests/test_prepare_data.py -q
+Run: pytest tests/components/prepare_data/test_core.py -q
 """
 from __future__ import annotations
 

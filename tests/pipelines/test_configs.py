@@ -7,7 +7,7 @@ dataclass for the *_config sections of the run defaults (demo.yaml), and ``pipel
 for the Vertex/Kubeflow settings. ``test_a_misspelt_key_is_refused`` shows those checks have teeth: a copy of
 each file with one key misspelt, at every depth where keys name settings, must be refused.
 
-Run: pytest tests/test_configs.py -q
+Run: pytest tests/pipelines/test_configs.py -q
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from components.prepare_data.config import PRESETS, PrepareDataConfig
 from components.sft.config import SFTStepConfig
 from pipelines import configs
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO / "pipelines" / "configs"
 ON_DISK = sorted(str(p.relative_to(FOLDER)) for p in FOLDER.rglob("*.yaml"))
 
@@ -138,13 +138,15 @@ def test_header_names_the_command_that_uses_it(name):
         # The command runs from the repository root and names this very file.
         assert args.config == f"pipelines/configs/{name}" and (REPO / args.config).is_file()
         return
-    from pipelines.cli import make_parser
+    from pipelines import cli
 
-    args = make_parser().parse_args(argv[1:])
     if name == "demo.yaml":  # vlmtune demo (and run) read it by name: pipelines.demo.demo_config
-        assert args.command == "demo", argv
+        assert argv[1] == "demo", argv
+        cli.demo_parser().parse_args(argv[2:])
     else:  # compile reads pipelines/configs/<target>.yaml unless --settings names another file
-        assert (args.command, args.target, args.settings) == ("compile", Path(name).stem, None), argv
+        assert argv[1] == "compile", argv
+        args = cli.compile_parser().parse_args(argv[2:])
+        assert (args.target, args.settings) == (Path(name).stem, None), argv
 
 
 def test_readers_find_the_shipped_files_by_name():

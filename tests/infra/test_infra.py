@@ -22,7 +22,7 @@ from packaging.utils import canonicalize_name
 
 from pipelines import container_cli, containers, images
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TERRAFORM = REPO / "infra/terraform/gcp"
 KUBEFLOW = REPO / "infra/kubeflow"
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile*"))

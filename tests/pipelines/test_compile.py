@@ -1,9 +1,9 @@
-"""Compiled pipeline specs, per target, against reviewed golden files (tests/golden/<target>.yaml).
+"""Compiled pipeline specs, per target, against reviewed golden files (tests/pipelines/golden/<target>.yaml).
 
 When the pipeline, a component interface or a shipped settings file (pipelines/configs/<target>.yaml, whose keys
-tests/test_configs.py checks) changes, the golden test fails with a diff; review it, then regenerate:
+tests/pipelines/test_configs.py checks) changes, the golden test fails with a diff; review it, then regenerate:
 
-    VLMTUNE_UPDATE_GOLDEN=1 pytest tests/test_compile.py      # or: python -m tests.test_compile --update-golden
+    VLMTUNE_UPDATE_GOLDEN=1 pytest tests/pipelines/test_compile.py      # or: python -m tests.pipelines.test_compile --update-golden
 
 Normalised away before comparing: the kfp SDK version (``sdkVersion``) and the component function sources that
 kfp embeds in every executor's command (they change with every edit of a component body, which is reviewed in
@@ -56,8 +56,8 @@ def _dump(docs: list[dict]) -> str:
 def write_golden(target: str, tmp: Path) -> Path:
     GOLDEN.mkdir(exist_ok=True)
     path = GOLDEN / f"{target}.yaml"
-    header = (f"# Golden {target} spec, normalised (see tests/test_compile.py). Regenerate after reviewing the diff:\n"
-              f"#   {UPDATE_ENV}=1 pytest tests/test_compile.py\n")
+    header = (f"# Golden {target} spec, normalised (see tests/pipelines/test_compile.py). Regenerate after reviewing the diff:\n"
+              f"#   {UPDATE_ENV}=1 pytest tests/pipelines/test_compile.py\n")
     path.write_text(header + _dump(normalise(compile_docs(target, tmp))))
     return path
 
@@ -73,14 +73,14 @@ def test_compiled_spec_matches_golden(target, compiled, tmp_path):
     if os.environ.get(UPDATE_ENV):
         write_golden(target, tmp_path)
     golden_path = GOLDEN / f"{target}.yaml"
-    assert golden_path.exists(), f"no golden file; create it with {UPDATE_ENV}=1 pytest tests/test_compile.py"
+    assert golden_path.exists(), f"no golden file; create it with {UPDATE_ENV}=1 pytest tests/pipelines/test_compile.py"
     golden = [d for d in yaml.safe_load_all(golden_path.read_text()) if d is not None]
     actual = normalise(compiled[target])
     if actual != golden:
         diff = "".join(difflib.unified_diff(_dump(golden).splitlines(True), _dump(actual).splitlines(True),
                                             f"golden/{target}.yaml", f"compiled {target}", n=2))
-        pytest.fail(f"the compiled {target} spec differs from tests/golden/{target}.yaml; review, then run "
-                    f"{UPDATE_ENV}=1 pytest tests/test_compile.py\n{diff[:6000]}")
+        pytest.fail(f"the compiled {target} spec differs from tests/pipelines/golden/{target}.yaml; review, then run "
+                    f"{UPDATE_ENV}=1 pytest tests/pipelines/test_compile.py\n{diff[:6000]}")
 
 
 def test_normalisation_keeps_everything_but_volatile_fields(compiled):
@@ -180,7 +180,7 @@ def test_kubeflow_spec_carries_gpu_settings(compiled):
 
 
 def _settings_file(tmp_path: Path, target: str, extra: dict) -> str:
-    values = yaml.safe_load((Path(__file__).parent.parent / "pipelines" / "configs" / f"{target}.yaml").read_text())
+    values = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipelines" / "configs" / f"{target}.yaml").read_text())
     values.update(extra)
     path = tmp_path / f"{target}-settings.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -235,11 +235,11 @@ def test_compile_cli_writes_each_target(tmp_path):
     assert images == {"ghcr.io/YOUR_ORG/vlmtune/vlmtune-cuda:9.9.9", "ghcr.io/YOUR_ORG/vlmtune/vlmtune-cpu:9.9.9"}
 
 
-if __name__ == "__main__":  # python -m tests.test_compile --update-golden
+if __name__ == "__main__":  # python -m tests.pipelines.test_compile --update-golden
     import tempfile
 
     if "--update-golden" not in sys.argv[1:]:
-        sys.exit("usage: python -m tests.test_compile --update-golden")
+        sys.exit("usage: python -m tests.pipelines.test_compile --update-golden")
     with tempfile.TemporaryDirectory() as tmp:
         for target in ("vertex", "kubeflow"):
             print(f"wrote {write_golden(target, Path(tmp))}")

@@ -4,8 +4,8 @@ gs://. Asserts the outputs are complete (manifests), readable, linked by lineage
 local temp folder behind. A slow variant runs the same steps twice, the second time with 10% of storage
 requests failing transiently, and asserts identical outputs.
 
-    pytest tests/test_gcs_end_to_end.py               # the healthy run (< 90 s)
-    pytest -m "gcs and slow" tests/test_gcs_end_to_end.py   # + the fault-injected comparison
+    pytest tests/pipelines/test_gcs_end_to_end.py               # the healthy run (< 90 s)
+    pytest -m "gcs and slow" tests/pipelines/test_gcs_end_to_end.py   # + the fault-injected comparison
 """
 from __future__ import annotations
 

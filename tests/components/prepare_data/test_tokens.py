@@ -3,7 +3,7 @@
 Processors are built here (no hub): SmolVLM-Instruct's image settings (1536 px, 384 px tiles, 81 tokens per
 tile) and the tiny model's (128 px, 64 px tiles, 4 tokens per tile), with the project's locally trained tokenizer.
 
-Run: pytest tests/test_prepare_data_tokens.py -q
+Run: pytest tests/components/prepare_data/test_tokens.py -q
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_demo_data_through_the_cli_with_the_shipped_config(tmp_path, capsys):
 
     demo = write_demo_data(tmp_path / "demo", rows=30, preference_rows=12)
     processor = build_processor(tmp_path / "proc", 128, 64, 4)
-    configs = Path(__file__).parents[1] / "pipelines" / "configs" / "prepare_data"
+    configs = Path(__file__).resolve().parents[3] / "pipelines" / "configs" / "prepare_data"
     for task, config in (("sft", "demo.yaml"), ("preference", "demo_preference.yaml")):
         rc = cli.main(["--source", str(demo / task), "--output", str(tmp_path / task), "--config", str(configs / config),
                        "--processor", str(processor), "--no-progress", "--num-workers", "0"])

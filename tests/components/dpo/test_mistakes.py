@@ -1,0 +1,38 @@
+"""DPO without preference data: pairs from the SFT model's own mistakes (chosen = gold, rejected = the model's answer).
+
+Run: pytest tests/components/dpo -q
+"""
+from __future__ import annotations
+
+from tests.fixtures_models import TINY_TRAINING
+
+
+def test_preference_pairs_from_the_sft_models_mistakes(prepared_sft, monkeypatch):
+    """Chosen = gold, rejected = the model's wrong (or empty) answer; a right answer (any reference,
+    case/punctuation aside) makes no pair."""
+    from components.common import generation
+    from components.common.dataset import load_split
+    from components.dpo.mistakes import preference_pairs_from_mistakes
+
+    rows = [dict(r) for r in load_split(str(prepared_sft), "train").select(range(4))]
+    golds = [r["messages"][-1]["content"][0]["text"] for r in rows]
+    model_answers = [golds[0].upper() + ".", "", "definitely not " + golds[2], "purple"]
+    monkeypatch.setattr(generation, "generate_answers", lambda model, processor, conversations, images, **kw: model_answers[:len(conversations)])
+    pairs, counts = preference_pairs_from_mistakes(None, None, rows)
+    assert counts == {"rows": 4, "model_right": 1, "empty_answers": 1, "pairs": 3}
+    assert [p["chosen"][0]["content"][0]["text"] for p in pairs] == golds[1:]
+    assert [p["rejected"][0]["content"][0]["text"] for p in pairs] == ["", "definitely not " + golds[2], "purple"]
+    assert pairs[1]["prompt"] == rows[2]["messages"][:-1] and len(pairs[1]["images"]) == len(rows[2]["images"]) == 1
+
+
+def test_dpo_from_an_sft_dataset_trains_on_the_sft_models_mistakes(tmp_path, prepared_sft, sft_model_dir):
+    from components.common.config import build_config
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    manifest = run(build_config(DPOStepConfig, {**TINY_TRAINING, "max_steps": 1, "pairs_from_sft_mistakes": True,
+                                                "mistakes_max_new_tokens": 4}),
+                   str(prepared_sft), str(sft_model_dir), str(tmp_path / "dpo"))
+    mistakes = manifest["metrics"]["pairs_from_sft_mistakes"]
+    assert mistakes["pairs"] > 0 and mistakes["rows"] == mistakes["pairs"] + mistakes["model_right"]
+    assert manifest["metrics"]["global_steps"] == 1 and manifest["metrics"]["final_reward_accuracy"] is not None
