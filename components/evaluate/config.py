@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from components.evaluate.metrics import METRICS
+from components.evaluate.metrics import METRIC_DESCRIPTIONS, METRICS, unknown_metric_message
+
+_METRIC_HELP = ("Primary metric (the gate compares it): "
+                + "; ".join(f"{name}: {METRIC_DESCRIPTIONS[name]}" for name in METRICS)
+                + ". vqa, relaxed and anls follow the published scripts; the *_lenient ones score at least as high, so they are not comparable with papers.")
 
 
 @dataclass
 class EvaluateConfig:
-    metric: str = field(default="exact_match", metadata={"help": f"Primary metric: one of {', '.join(sorted(METRICS))}."})
+    metric: str = field(default="exact_match", metadata={"help": _METRIC_HELP})
     min_delta: float = field(default=0.0, metadata={"help": "Candidate must beat the base model by more than this on the primary metric."})
     min_delta_vs_champion: float = field(default=0.0, metadata={"help": "...and the registry's current champion by at least this."})
     batch_size: int = field(default=16, metadata={"help": "Rows per generate() call."})
@@ -21,7 +25,7 @@ class EvaluateConfig:
     def validate(self) -> list[str]:
         problems = []
         if self.metric not in METRICS:
-            problems.append(f"metric must be one of {sorted(METRICS)}, not {self.metric!r}")
+            problems.append(f"metric: {unknown_metric_message(self.metric)}")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")

@@ -1,30 +1,62 @@
 """Answer metrics for evaluating vision-language models: pure functions, no torch.
 
 Every per-example metric has the same shape, ``metric(prediction: str, answers: str | list[str]) -> float`` in
-[0, 1], so :data:`METRICS` can be indexed by the task type a dataset row declares, and :func:`aggregate` turns a
-list of predictions into ``{"score", "n", "per_category"}`` for the report and the gate.
+[0, 1], so :data:`METRICS` can be indexed by name, and :func:`aggregate` turns a list of predictions into
+``{"score", "n", "per_category"}`` for the report and the gate.
 
-- ``vqa``: VQAv2 accuracy with the official answer normalisation (:func:`normalize_vqa_answer`).
-- ``relaxed``: ChartQA relaxed accuracy (numbers within 5% relative error, else case-insensitive match).
-- ``anls``: Average Normalised Levenshtein Similarity (DocVQA / ST-VQA), threshold 0.5.
-- ``exact_match``: VQA-normalised equality with any reference.
+The published metrics keep their published names and follow, to the letter, the script that produced the
+numbers papers and model cards report, so a score here can be compared with them:
+
+- ``vqa``: VQAv2 accuracy, GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` as of
+  commit a013f0043c1e2cdc995922dfe257f7149aa9af06 (2021-03-11, "Fixed processing answers bug", the current
+  master): https://github.com/GT-Vision-Lab/VQA/blob/a013f0043c1e2cdc995922dfe257f7149aa9af06/PythonEvaluationTools/vqaEvaluation/vqaEval.py
+- ``relaxed``: ChartQA relaxed accuracy, google-research/pix2struct ``pix2struct/metrics.py``
+  ``relaxed_correctness`` as of commit 42e24278b0cc53833bc47bf47d8090b9d3d76775 (the evaluation SmolVLM,
+  PaliGemma and MatCha report ChartQA with):
+  https://github.com/google-research/pix2struct/blob/42e24278b0cc53833bc47bf47d8090b9d3d76775/pix2struct/metrics.py
+- ``anls``: DocVQA / InfographicVQA ANLS, the challenge's own evaluation script (``evaluate_method`` of the
+  script downloadable from https://rrc.cvc.uab.es/?ch=17 and https://www.docvqa.org; copies circulate as
+  ``infographicsvqa_eval.py``, e.g. in OpenGVLab/InternVL ``internvl_chat/eval/vqa/``).
+
+More forgiving variants stay available under their own names, and their docstrings list what they change:
+
+- ``vqa_lenient``: normalises prediction and references always; one reference is a normalised exact match.
+- ``relaxed_lenient``: strips spaces and a trailing period, reads thousands separators, lets ``12%`` mean 12 or
+  0.12, needs a numeric zero for a zero target, and absorbs float rounding at the tolerance edge.
+
+And one of ours:
+
+- ``exact_match``: VQA-normalised equality with any reference (the demo's primary metric).
+
+Departures from the official scripts that remain (each explained where it is made):
+
+1. ``vqa`` with a single reference: the script's leave-one-out form scores every prediction 0 against one
+   answer; here one reference counts as ten identical human answers (a unanimous question), i.e. the script
+   run on ``[reference] * 10``: 1.0 when the prediction equals it as the script compares it, else 0.0.
+2. ``vqa`` leaves out one reference *by position*; the script leaves out every answer dict equal to the one
+   left out, which is one answer in VQAv2 (each dict has its own ``answer_id``). Plain strings have no id.
+3. ``vqa`` per-question scores are not rounded; the script stores each one as ``round(100 * acc, 2)`` (its
+   overall score is averaged from unrounded values, like ours, and then rounded to 2 decimals of a percent).
+4. ``vqa`` runs under Python 3; the script is Python 2. Its regexes are compiled ASCII-only here (``\\d`` is
+   ASCII in Python 2 for a ``str`` pattern), ``re.UNICODE`` passed as ``sub``'s count is kept as count=32;
+   ``str.lower``/``split`` follow Python 3's Unicode tables, which can differ from Python 2's for rare
+   characters.
+5. ``relaxed`` and ``anls`` take several references and keep the best, as pix2struct's ``aggregate_metrics``
+   and the DocVQA script do; per-category means are ours (the scripts' answer types need their own files).
 
 :func:`preference_reward_stats` summarises DPO's implicit rewards on held-out preference pairs.
-
-Sources followed: the VQA evaluation script (``vqaEval.py`` of GT-Vision-Lab/VQA, its ``contractions``,
-``manualMap``, ``articles``, ``periodStrip``, ``commaStrip`` and ``punct`` tables and the leave-one-out accuracy),
-and ChartQA's ``relaxed_correctness`` (as used by pix2struct / MatCha / PaliGemma evaluations).
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Callable, Iterable, Sequence
 
 # --------------------------------------------------------------------------------------------------------------
-# VQAv2 answer normalisation: tables copied from the official evaluation script, quirks included, so scores are
+# VQAv2 answer normalisation: tables as in the official evaluation script, quirks included, so scores are
 # comparable with published numbers. (Keys such as "Im" or "Id've" carry capitals and so never match after the
-# script lowercases: that is the official behaviour and is kept.)
+# script lowercases; "somebody'd" maps to "somebodyd": that is the official behaviour and is kept.)
 # --------------------------------------------------------------------------------------------------------------
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -61,18 +93,24 @@ NUMBER_WORDS = {  # the script's ``manualMap``: only zero..ten (and "none") beco
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = ("a", "an", "the")
-# Official regex, verbatim. ``(?!<=\d)`` is a negative *lookahead* for the text "<=" followed by a digit (the
-# author meant a lookbehind), so in effect it removes every period not followed by a digit: "end." -> "end",
-# "3.5" stays, "3." -> "3".
-PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")  # a comma between digits ("1,000") switches punctuation to deletion
+# The official regexes, verbatim, compiled ASCII-only as Python 2 (which the script is written for) reads them.
+# ``(?!<=\d)`` is a negative *lookahead* for the text "<=" followed by a digit (the author meant a lookbehind),
+# so in effect it removes every period not followed by a digit: "end." -> "end", "3.5" stays, "3." -> "3".
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)  # a digit-comma-digit ("1,000") switches marks to deletion
+# The script calls ``periodStrip.sub("", text, re.UNICODE)``: the flag lands in ``count``, so at most
+# ``int(re.UNICODE)`` = 32 periods are removed. Kept.
+PERIOD_STRIP_COUNT = int(re.UNICODE)
+# The script's ``punct`` list. Not in it, so kept as they are: the apostrophe, ":", "%", "$", "#", "&", "*",
+# "^", "|", "~" and "." (periods have their own rule above).
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!")
 
 
 def _process_punctuation(text: str) -> str:
     # Official rule: a mark touching a space ("yes !") or any text holding a digit-comma-digit is deleted;
-    # otherwise it is replaced by a space ("black/white" -> "black white"). The check looks at the input text.
+    # otherwise it is replaced by a space ("black/white" -> "black white"). The check looks at the input text,
+    # the replacements accumulate on the output.
     out = text
     has_digit_comma = COMMA_STRIP.search(text) is not None
     for p in PUNCTUATION:
@@ -80,9 +118,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    # The script passes re.UNICODE as ``sub``'s third positional argument, i.e. count=32; we strip all periods
-    # (identical for any answer with fewer than 32 periods).
-    return PERIOD_STRIP.sub("", out)
+    return PERIOD_STRIP.sub("", out, count=PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -91,16 +127,21 @@ def _process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def _vqa_clean(text: str) -> str:
+    """What the script does to every answer, normalised or not: newlines and tabs become spaces, ends stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(answer: str) -> str:
-    """The VQAv2 normalisation: whitespace, punctuation, lowercase, number words -> digits, articles, contractions.
+    """The VQAv2 normalisation (``processPunctuation`` then ``processDigitArticle``, after the clean-up every
+    answer gets): punctuation, lowercase, number words -> digits, articles dropped, contractions.
 
     >>> normalize_vqa_answer("Two dogs!")
     '2 dogs'
     >>> normalize_vqa_answer("The cat's toy.")
     "cat's toy"
     """
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(answer))
+    return _process_digit_article(_process_punctuation(_vqa_clean(answer)))
 
 
 def _as_list(answers: str | Sequence[str]) -> list[str]:
@@ -112,42 +153,98 @@ def _as_list(answers: str | Sequence[str]) -> list[str]:
     return answers
 
 
+def _leave_one_out(prediction: str, references: list[str]) -> float:
+    """``min(1, matches / 3)`` over each subset of all references but one, averaged (the script's loop)."""
+    matches = sum(r == prediction for r in references)
+    return sum(min(1.0, (matches - (r == prediction)) / 3.0) for r in references) / len(references)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Per-example metrics
 # --------------------------------------------------------------------------------------------------------------
 def vqa_accuracy(prediction: str, answers: str | Sequence[str]) -> float:
-    """VQAv2 accuracy: ``min(#humans who gave the prediction / 3, 1)``, in the official averaged form.
+    """VQAv2 accuracy exactly as the official ``vqaEval.py`` computes it for one question.
 
-    The official script scores a prediction against each of the n subsets of n-1 human answers (for VQAv2's
-    ten answers: the 10-choose-9 subsets) and averages ``min(matches_in_subset / 3, 1)``. So with 10 answers,
-    3 matches score 0.9 (not 1.0) and 4 or more score 1.0.
+    - Every answer and the prediction get newlines/tabs turned into spaces and their ends stripped.
+    - Only when the human answers *differ from each other* are they, and the prediction, normalised
+      (:func:`normalize_vqa_answer`). When all agree, the prediction is compared as it is: "Yes" or "yes." scores
+      0 against ten "yes" (VQAv2's answers are already normalised, and the script relies on it).
+    - The score is ``min(1, matches / 3)`` over each of the n subsets of n - 1 answers, averaged: with ten
+      answers, 3 matches score 0.9 and 4 or more score 1.0. With 2 or 3 answers the same rule caps the score
+      below 1 (1/3 and 2/3): that is the rule, not a bug.
 
-    Two deliberate differences from the script, both documented here:
-    - The script normalises answers only when the human answers disagree (VQAv2 ground truth is already
-      normalised). Our references are free text and predictions are raw generations, so both sides are always
-      normalised.
-    - With a single reference the leave-one-out form would always give 0; a single reference is scored by
-      normalised exact match instead. With 2 or 3 references the official form is kept, so the score is capped
-      below 1 (max 1/3 and 2/3): that is the rule, not a bug. Use ``exact_match`` for such data.
+    Departure (the only one in the scoring): a single reference counts as ten identical human answers, so it
+    scores 1.0 when the prediction equals it (compared unnormalised, as a unanimous question is) and 0.0
+    otherwise. The script itself would score 0 against any single answer, whatever the prediction.
+    Use ``vqa_lenient`` to normalise always, or ``exact_match``.
+    """
+    refs = [_vqa_clean(a) for a in _as_list(answers)]
+    pred = _vqa_clean(prediction)
+    if len(set(refs)) > 1:
+        refs = [_process_digit_article(_process_punctuation(r)) for r in refs]
+        pred = _process_digit_article(_process_punctuation(pred))
+    if len(refs) == 1:
+        refs = refs * 10
+    return _leave_one_out(pred, refs)
+
+
+def vqa_accuracy_lenient(prediction: str, answers: str | Sequence[str]) -> float:
+    """VQAv2 accuracy that always normalises: more forgiving than ``vqa``, so not comparable with papers.
+
+    What it changes from the official script (``vqa``):
+    - the prediction and every reference are normalised (:func:`normalize_vqa_answer`) always, also when the
+      references agree, so "Yes." matches ten "yes" and "Two" matches a single "2";
+    - a single reference is a normalised exact match (1.0 or 0.0).
+    The leave-one-out ``min(1, matches / 3)`` rule is the official one, with its cap below 1 for 2 or 3 answers.
     """
     refs = [normalize_vqa_answer(a) for a in _as_list(answers)]
     pred = normalize_vqa_answer(prediction)
     if len(refs) == 1:
         return float(pred == refs[0])
-    matches = sum(r == pred for r in refs)
-    total = 0.0
-    for r in refs:  # leave out one reference at a time
-        in_subset = matches - (r == pred)
-        total += min(in_subset / 3.0, 1.0)
-    return total / len(refs)
+    return _leave_one_out(pred, refs)
 
 
-def _parse_number(text: str) -> list[float] | None:
+def _pix2struct_float(text: str) -> float | None:
+    # pix2struct's ``_to_float``: Python's float() on the text as it is (so " 12 ", "1e3", "1_000", "inf" and
+    # "nan" parse; "1,000" and "12 apples" do not); a trailing "%" (every trailing "%") divides by 100.
+    try:
+        if text.endswith("%"):
+            return float(text.rstrip("%")) / 100.0
+        return float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, target: str | Sequence[str], tolerance: float = 0.05) -> float:
+    """ChartQA relaxed accuracy exactly as pix2struct's ``relaxed_correctness`` (best target counts).
+
+    When the prediction parses as a number and the target parses as a *non-zero* number, correct means
+    ``|prediction - target| / |target| <= tolerance`` (5%, inclusive, on floats: "105" vs "100" passes, "1.05"
+    vs "1" fails by float rounding). Otherwise the two strings must be equal ignoring case, nothing stripped.
+    What that means, quoted from the script's behaviour:
+    - "%": "50%" is read as 0.5, so it matches "0.5" and "50%" but not "50";
+    - thousands separators do not parse: "1,000" vs "1000" is a string comparison, and fails;
+    - a zero target is compared as a string: "0.0" vs "0" fails, "0" vs "0" passes;
+    - surrounding spaces are ignored by float() for numbers (" 12" == "12") but not for strings ("yes " != "yes").
+    Use ``relaxed_lenient`` for the forgiving variant.
+    """
+    best = 0.0
+    for tgt in _as_list(target):
+        pred_value, tgt_value = _pix2struct_float(prediction), _pix2struct_float(tgt)
+        if pred_value is not None and tgt_value:
+            hit = abs(pred_value - tgt_value) / abs(tgt_value) <= tolerance
+        else:
+            hit = prediction.lower() == tgt.lower()
+        best = max(best, float(hit))
+    return best
+
+
+def _parse_number_lenient(text: str) -> list[float] | None:
     """Numbers a ChartQA answer may mean: "1,234" -> [1234]; "12%" -> [12, 0.12]; "abc" -> None."""
     text = text.strip().rstrip(".").strip()
     percent = text.endswith("%")
     if percent:
-        text = text[:-1].strip()
+        text = text.rstrip("%").strip()
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # thousands separators only
     try:
         value = float(text)
@@ -158,31 +255,32 @@ def _parse_number(text: str) -> list[float] | None:
     return [value, value / 100.0] if percent else [value]
 
 
-def relaxed_accuracy(prediction: str, target: str | Sequence[str], tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy: a number within ``tolerance`` relative error of the target, else exact string match.
+def relaxed_accuracy_lenient(prediction: str, target: str | Sequence[str], tolerance: float = 0.05) -> float:
+    """ChartQA relaxed accuracy, forgiving variant: scores at least as high as ``relaxed``, so not comparable
+    with published ChartQA numbers.
 
-    Follows ChartQA's ``relaxed_correctness``: ``|pred - target| / |target| <= tolerance`` when both parse as
-    numbers, otherwise case-insensitive string equality. Additions, each documented:
-    - thousands separators are ignored ("1,200" == 1200) and a trailing period is dropped;
-    - a value written with "%" may mean either the number as written or its fraction ("12%" matches 12 and
-      0.12): chart labels and answers mix both conventions;
-    - a zero target (where the relative error is undefined and ChartQA falls back to string equality, so "0.0"
-      fails against "0") requires the prediction to be numerically zero;
-    - a 1e-9 slack absorbs float rounding at the exact edge (105 vs 100 at 5% passes).
+    What it changes from pix2struct's ``relaxed_correctness`` (``relaxed``):
+    - surrounding spaces and a trailing period are stripped before parsing and before comparing strings;
+    - thousands separators are read: "1,200" == 1200;
+    - a value written with "%" means either the number as written or its fraction: "12%" matches 12 and 0.12
+      (the official reads only 0.12);
+    - a zero target (where the official falls back to string equality, so "0.0" fails against "0") requires the
+      prediction to be numerically zero;
+    - "inf" and "nan" are not numbers (compared as strings);
+    - a 1e-9 slack absorbs float rounding at the exact edge ("1.05" vs "1" at 5% passes).
     With several targets the best one counts.
     """
     best = 0.0
     for tgt in _as_list(target):
-        pred_values, tgt_values = _parse_number(prediction), _parse_number(tgt)
+        pred_values, tgt_values = _parse_number_lenient(prediction), _parse_number_lenient(tgt)
         if pred_values is not None and tgt_values is not None:
-            ok = False
+            hit = False
             for p in pred_values:
                 for t in tgt_values:
                     if t == 0:
-                        ok |= p == 0
+                        hit |= p == 0
                     else:
-                        ok |= abs(p - t) / abs(t) <= tolerance + 1e-9
-            hit = ok
+                        hit |= abs(p - t) / abs(t) <= tolerance + 1e-9
         else:
             hit = prediction.strip().lower() == tgt.strip().lower()
         best = max(best, float(hit))
@@ -202,25 +300,27 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalised Levenshtein Similarity for one question, as the DocVQA / ST-VQA evaluation script computes it.
+    """ANLS for one question exactly as the DocVQA challenge's evaluation script computes it.
 
-    ``NL = levenshtein(pred, ref) / max(len(pred), len(ref))`` on lowercased, whitespace-collapsed strings; the
-    best reference counts; the score ``1 - min NL`` is zeroed when it falls below ``threshold``. (The papers write
-    "0 if NL >= 0.5"; the official script zeroes only when ``1 - NL < 0.5``, so NL = 0.5 exactly scores 0.5. We follow
-    the script, which produced the published numbers.)
+    For each reference: the edit distance between the lowercased, whitespace-collapsed strings, divided by the
+    longer of the two strings *as given* (the script measures ``len(answer.upper())`` of the raw strings, so
+    surrounding or doubled spaces lengthen the denominator: " helo " vs "hello" is 1/6, not 1/5); 0 when both
+    are empty. The score is ``1 - the smallest of those``, set to 0 when it is *below* ``threshold``, so a
+    normalised distance of exactly 0.5 scores 0.5. (The ST-VQA paper writes "0 if NL >= 0.5", and pix2struct's
+    ``anls_metric`` follows the paper; the challenge's leaderboard numbers come from the script.)
     """
-    pred = " ".join(prediction.lower().split())
+    pred = " ".join(prediction.strip().lower().split())
     distances = []
     for ref in _as_list(answers):
-        ref = " ".join(ref.lower().split())
-        longest = max(len(pred), len(ref))
-        distances.append(_levenshtein(pred, ref) / longest if longest else 0.0)
+        longest = max(len(ref.upper()), len(prediction.upper()))
+        dist = _levenshtein(" ".join(ref.strip().lower().split()), pred)
+        distances.append(0.0 if longest == 0 else dist / longest)
     score = 1.0 - min(distances)
-    return score if score >= threshold else 0.0
+    return 0.0 if score < threshold else score
 
 
 def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
-    """1.0 when the VQA-normalised prediction equals any VQA-normalised reference, else 0.0."""
+    """1.0 when the VQA-normalised prediction equals any VQA-normalised reference, else 0.0 (ours: no paper)."""
     pred = normalize_vqa_answer(prediction)
     return float(any(pred == normalize_vqa_answer(a) for a in _as_list(answers)))
 
@@ -229,10 +329,29 @@ MetricFn = Callable[[str, "str | Sequence[str]"], float]
 
 METRICS: dict[str, MetricFn] = {
     "vqa": vqa_accuracy,
+    "vqa_lenient": vqa_accuracy_lenient,
     "relaxed": relaxed_accuracy,
+    "relaxed_lenient": relaxed_accuracy_lenient,
     "anls": anls,
     "exact_match": exact_match,
 }
+
+# One line per metric, for --help and the report.
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "vqa": "VQAv2 accuracy, as the official vqaEval.py",
+    "vqa_lenient": "VQAv2 accuracy, always normalised (more forgiving than vqa)",
+    "relaxed": "ChartQA relaxed accuracy, as pix2struct's relaxed_correctness",
+    "relaxed_lenient": "relaxed accuracy reading 1,000 and 12% leniently (more forgiving than relaxed)",
+    "anls": "ANLS, as the DocVQA challenge script (threshold 0.5)",
+    "exact_match": "VQA-normalised exact match with any reference",
+}
+
+
+def unknown_metric_message(name: str) -> str:
+    """``unknown metric 'X'``, with the closest names and the full list."""
+    close = difflib.get_close_matches(name, METRICS, n=2, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return f"unknown metric {name!r}{hint}; choose one of {', '.join(sorted(METRICS))}"
 
 
 def aggregate(
@@ -249,7 +368,7 @@ def aggregate(
     """
     fn = METRICS[metric] if isinstance(metric, str) and metric in METRICS else metric
     if isinstance(fn, str):
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+        raise ValueError(unknown_metric_message(metric))
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references: they must pair up")
     if categories is not None and len(categories) != len(predictions):
