@@ -1,13 +1,28 @@
 """The evaluation report, in the two forms pipeline UIs render: Markdown (Vertex AI / KFP Markdown
-visualisation) and a self-contained HTML page (images inlined), plus a bar-chart PNG."""
+visualisation, images beside it in ``samples/``) and a self-contained HTML page (images inlined), plus a
+bar-chart PNG.
+
+Both are built from the same facts and each is written in its own markup: the HTML has no Markdown in it
+(``<b>0.560</b>``, not ``**0.560**``). Every piece of text that comes from data, a model or the user (questions,
+references, answers, model and category names, gate reasons) is escaped for the format it lands in, so an
+answer such as ``<b>`` or ``a | b`` shows as written and cannot break the page or the table. Bytes a model
+produced that are not UTF-8 text arrive as U+FFFD replacement characters; they are shown as
+``<undecodable bytes>``, not as a row of ``�``.
+"""
 from __future__ import annotations
 
 import base64
 import html
 import io
+import re
 from pathlib import Path
 
-from components.evaluate.metrics import METRICS
+from components.evaluate.metrics import METRIC_DESCRIPTIONS, METRICS
+
+UNDECODABLE = "<undecodable bytes>"
+# A run of replacement characters, spaces between them included: one marker per run, not one per byte.
+_UNDECODABLE_RUN = re.compile("\ufffd(?:[\\s\ufffd]*\ufffd)?")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
 
 
 def _plot(scores: dict[str, float], metric: str, path: Path) -> None:
@@ -43,6 +58,39 @@ def _question(messages) -> str:
     return ""
 
 
+def _pieces(text: str) -> list[tuple[bool, str]]:
+    """``text`` split into (is_undecodable, piece): runs of U+FFFD become one undecodable piece each."""
+    out, at = [], 0
+    for match in _UNDECODABLE_RUN.finditer(text):
+        if match.start() > at:
+            out.append((False, text[at:match.start()]))
+        out.append((True, UNDECODABLE))
+        at = match.end()
+    if at < len(text):
+        out.append((False, text[at:]))
+    return out
+
+
+def display_text(text: str) -> str:
+    """Plain text as the report shows it: each run of replacement characters as ``<undecodable bytes>``."""
+    return "".join(piece for _, piece in _pieces(str(text)))
+
+
+def html_text(text: str) -> str:
+    """``text`` as HTML: escaped, undecodable runs marked (greyed, with an explanation on hover)."""
+    return "".join(
+        f'<span class="undecodable" title="the model produced bytes that are not UTF-8 text">{html.escape(piece)}</span>'
+        if undecodable else html.escape(piece)
+        for undecodable, piece in _pieces(str(text))
+    )
+
+
+def markdown_text(text: str) -> str:
+    """``text`` for a Markdown table cell: one line, HTML-escaped, Markdown's special characters backslashed."""
+    flat = " ".join(display_text(text).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
 def pick_samples(predictions, references, candidate: str, n: int) -> list[tuple[int, str]]:
     """Indices to show: wins (candidate right, base wrong) and losses first, then the rest."""
     metric = METRICS["exact_match"]
@@ -60,35 +108,22 @@ def pick_samples(predictions, references, candidate: str, n: int) -> list[tuple[
 
 def write_report(out: Path, config, rows, predictions, references, results, scores, candidate, passed, reasons,
                  preference: dict | None = None) -> None:
+    """``report.md``, ``report.html``, ``scores.png`` and ``samples/*.png`` in ``out``."""
     metric = config.metric
     _plot(scores, metric, out / "scores.png")
     names = list(scores)
     base = scores["base"]
-    samples = pick_samples(predictions, references, candidate, config.report_samples)
-    (out / "samples").mkdir(exist_ok=True)
-
-    md = [f"# Evaluation: {'PASSED' if passed else 'NOT PASSED'}", "", f"Candidate: **{candidate}**; primary metric: "
-          f"**{metric}**; {len(references)} held-out rows.", "", "| model | " + " | ".join(sorted(METRICS)) + f" | Δ {metric} vs base |",
-          "|---|" + "---|" * (len(METRICS) + 1)]
-    for name in names:
-        cells = [f"{results[name][m]['score']:.3f}" for m in sorted(METRICS)]
-        md.append(f"| {name} | " + " | ".join(cells) + f" | {scores[name] - base:+.3f} |")
+    metric_names = sorted(METRICS)
+    verdict = "PASSED" if passed else "NOT PASSED"
     categories = sorted({c for name in names for c in results[name][metric]["per_category"]})
-    if categories:
-        md += ["", f"## {metric} by category", "", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for cat in categories:
-            md.append(f"| {cat} | " + " | ".join(f"{results[n][metric]['per_category'].get(cat, {}).get('score', 0):.3f}" for n in names) + " |")
-    pref_lines = []
-    if preference:
-        pref_lines = [f"{preference['policy']} vs {preference['reference']} on {preference['n']} held-out preference pairs "
-                      f"(beta {preference['beta']}): reward accuracy **{preference['reward_accuracy']:.3f}**, "
-                      f"mean reward margin **{preference['reward_margin']:+.4f}**"]
-        md += ["", "## Preference pairs (DPO implicit reward)", ""] + pref_lines
-    md += ["", "## Gate", ""] + [f"- {r}" for r in reasons] + ["", "![scores](scores.png)", "", "## Examples (wins and losses first)", "",
-           "| image | question | reference | " + " | ".join(names) + " | |", "|---|---|---|" + "---|" * (len(names) + 1)]
 
-    html_rows = []
-    for i, tag in samples:
+    def category_score(name: str, category: str) -> str:
+        return f"{results[name][metric]['per_category'].get(category, {}).get('score', 0):.3f}"
+
+    # The examples: thumbnails written once, used by both forms.
+    (out / "samples").mkdir(exist_ok=True)
+    examples = []
+    for i, tag in pick_samples(predictions, references, candidate, config.report_samples):
         row = rows[i]
         thumbs = [_thumbnail_png(img) for img in row["images"]]
         files = []
@@ -96,29 +131,82 @@ def write_report(out: Path, config, rows, predictions, references, results, scor
             name = f"samples/{i:05d}_{k}.png"
             (out / name).write_bytes(data)
             files.append(name)
-        question = _question(row["messages"])
-        md.append(f"| {' '.join(f'![]({f})' for f in files)} | {question} | {references[i][0]} | "
-                  + " | ".join(predictions[n][i] for n in names) + f" | {tag} |")
-        imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}" width="96">' for d in thumbs)
-        cells = "".join(f"<td>{html.escape(predictions[n][i])}</td>" for n in names)
-        html_rows.append(f"<tr class='{tag}'><td>{imgs}</td><td>{html.escape(question)}</td><td>{html.escape(references[i][0])}</td>{cells}<td>{tag}</td></tr>")
-    (out / "report.md").write_text("\n".join(md) + "\n")
+        examples.append({"tag": tag, "thumbs": thumbs, "files": files, "question": _question(row["messages"]),
+                         "reference": references[i][0], "answers": [predictions[n][i] for n in names]})
 
-    plot_b64 = base64.b64encode((out / "scores.png").read_bytes()).decode()
-    table = "".join(
-        f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{results[n][m]['score']:.3f}</td>" for m in sorted(METRICS))
+    # ---- Markdown ----------------------------------------------------------------------------------------
+    md = [f"# Evaluation: {verdict}", "",
+          f"Candidate: **{markdown_text(candidate)}**; primary metric: **{markdown_text(metric)}** "
+          f"({markdown_text(METRIC_DESCRIPTIONS[metric])}); "
+          f"{len(references)} held-out rows.", "",
+          "| model | " + " | ".join(markdown_text(m) for m in metric_names) + f" | Δ {markdown_text(metric)} vs base |",
+          "|---|" + "---|" * (len(metric_names) + 1)]
+    for name in names:
+        cells = [f"{results[name][m]['score']:.3f}" for m in metric_names]
+        md.append(f"| {markdown_text(name)} | " + " | ".join(cells) + f" | {scores[name] - base:+.3f} |")
+    if categories:
+        md += ["", f"## {markdown_text(metric)} by category", "",
+               "| category | " + " | ".join(markdown_text(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+        for cat in categories:
+            md.append(f"| {markdown_text(cat)} | " + " | ".join(category_score(n, cat) for n in names) + " |")
+    if preference:
+        md += ["", "## Preference pairs (DPO implicit reward)", "",
+               f"{markdown_text(preference['policy'])} vs {markdown_text(preference['reference'])} on "
+               f"{preference['n']} held-out preference pairs (beta {preference['beta']}): reward accuracy "
+               f"**{preference['reward_accuracy']:.3f}**, mean reward margin **{preference['reward_margin']:+.4f}**"]
+    md += ["", "## Gate", ""] + [f"- {markdown_text(r)}" for r in reasons]
+    md += ["", "![scores](scores.png)", "", "## Examples (wins and losses first)", "",
+           "| image | question | reference | " + " | ".join(markdown_text(n) for n in names) + " | |",
+           "|---|---|---|" + "---|" * (len(names) + 1)]
+    for ex in examples:
+        md.append(f"| {' '.join(f'![]({f})' for f in ex['files'])} | {markdown_text(ex['question'])} | "
+                  f"{markdown_text(ex['reference'])} | " + " | ".join(markdown_text(a) for a in ex["answers"])
+                  + f" | {ex['tag']} |")
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    # ---- HTML --------------------------------------------------------------------------------------------
+    e = html.escape
+    primary = {m: ' class="primary"' if m == metric else "" for m in metric_names}
+    header = "".join(f'<th title="{e(METRIC_DESCRIPTIONS[m])}"{primary[m]}>{e(m)}</th>' for m in metric_names)
+    score_rows = "".join(
+        f"<tr><td>{html_text(n)}</td>"
+        + "".join(f"<td{primary[m]}>{results[n][m]['score']:.3f}</td>" for m in metric_names)
         + f"<td>{scores[n] - base:+.3f}</td></tr>" for n in names
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vlmtune evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-tr.win{{background:#e8f6ec}}tr.loss{{background:#fbeaea}}</style></head><body>
-<h1>Evaluation: {'PASSED' if passed else 'NOT PASSED'}</h1>
-<p>Candidate <b>{html.escape(candidate)}</b>, primary metric <b>{metric}</b>, {len(references)} held-out rows.</p>
-<table><tr><th>model</th>{''.join(f'<th>{m}</th>' for m in sorted(METRICS))}<th>Δ {metric} vs base</th></tr>{table}</table>
-{''.join(f'<h2>Preference pairs (DPO implicit reward)</h2><p>{html.escape(line)}</p>' for line in pref_lines)}
-<h2>Gate</h2><ul>{''.join(f'<li>{html.escape(r)}</li>' for r in reasons)}</ul>
-<img src="data:image/png;base64,{plot_b64}">
-<h2>Examples (wins and losses first)</h2>
-<table><tr><th>image</th><th>question</th><th>reference</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}<th></th></tr>{''.join(html_rows)}</table>
-</body></html>"""
-    (out / "report.html").write_text(page)
+    parts = [
+        f"<h1>Evaluation: {verdict}</h1>",
+        f"<p>Candidate <b>{html_text(candidate)}</b>, primary metric <b>{e(metric)}</b> "
+        f"({e(METRIC_DESCRIPTIONS[metric])}), {len(references)} held-out rows.</p>",
+        f"<table><tr><th>model</th>{header}<th>Δ {e(metric)} vs base</th></tr>{score_rows}</table>",
+    ]
+    if categories:
+        parts.append(
+            f"<h2>{e(metric)} by category</h2><table><tr><th>category</th>"
+            + "".join(f"<th>{html_text(n)}</th>" for n in names) + "</tr>"
+            + "".join(f"<tr><td>{html_text(cat)}</td>" + "".join(f"<td>{category_score(n, cat)}</td>" for n in names)
+                      + "</tr>" for cat in categories)
+            + "</table>")
+    if preference:
+        parts.append(
+            "<h2>Preference pairs (DPO implicit reward)</h2>"
+            f"<p>{html_text(preference['policy'])} vs {html_text(preference['reference'])} on {preference['n']} "
+            f"held-out preference pairs (beta {e(str(preference['beta']))}): reward accuracy "
+            f"<b>{preference['reward_accuracy']:.3f}</b>, mean reward margin <b>{preference['reward_margin']:+.4f}</b></p>")
+    parts.append("<h2>Gate</h2><ul>" + "".join(f"<li>{html_text(r)}</li>" for r in reasons) + "</ul>")
+    plot_b64 = base64.b64encode((out / "scores.png").read_bytes()).decode()
+    parts.append(f'<img src="data:image/png;base64,{plot_b64}" alt="held-out {e(metric)} per model">')
+    example_rows = "".join(
+        f'<tr class="{ex["tag"]}"><td>'
+        + "".join(f'<img src="data:image/png;base64,{base64.b64encode(d).decode()}" width="96" alt="">' for d in ex["thumbs"])
+        + f"</td><td>{html_text(ex['question'])}</td><td>{html_text(ex['reference'])}</td>"
+        + "".join(f"<td>{html_text(a)}</td>" for a in ex["answers"]) + f"<td>{ex['tag']}</td></tr>"
+        for ex in examples
+    )
+    parts.append("<h2>Examples (wins and losses first)</h2><table><tr><th>image</th><th>question</th><th>reference</th>"
+                 + "".join(f"<th>{html_text(n)}</th>" for n in names) + f"<th></th></tr>{example_rows}</table>")
+    page = ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>vlmtune evaluation</title>\n'
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px}tr.win{background:#e8f6ec}tr.loss{background:#fbeaea}"
+            ".primary{font-weight:bold}.undecodable{color:#888;font-style:italic}</style></head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    (out / "report.html").write_text(page, encoding="utf-8")
