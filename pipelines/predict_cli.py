@@ -12,7 +12,8 @@ Batch file: one JSON object per line, {"id": ..., "question": ..., "image": "a.p
 relative image paths are taken from the batch file's folder; "id" defaults to the line number. Output: one
 JSON line per input row, in order: {"id", "question", "images", "answer"} (to --output, else stdout).
 Inputs are checked before the model is loaded (images and the video are decoded, batch lines parsed and their
-image files found); a bad input exits with status 2 and says which file, line or option.
+image files found); a bad input exits with status 2 and says which file, line or option. A --video must be a
+video: a still image (or a file with one frame, or no video stream) is refused with the advice to use --image.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", action="append", metavar="PATH", help="an image; repeat for several images in one prompt")
     inputs.add_argument("--batch", metavar="FILE.jsonl", help="many questions, answered in batches")
-    inputs.add_argument("--video", metavar="FILE", help="a video (mp4, webm, mkv, ..., or animated GIF/WebP)")
+    inputs.add_argument("--video", metavar="FILE", help="a video of more than one frame (mp4, webm, mkv, ..., or animated GIF/WebP/PNG)")
     p.add_argument("--question", help=f"the question (default: {DEFAULT_IMAGE_QUESTION!r}, or {DEFAULT_VIDEO_QUESTION!r} for --video)")
     p.add_argument("--frames", type=int, default=8, help="--video: evenly spaced frames given to the model, in order")
     p.add_argument("--split-frames", action="store_true", help="--video: tile frames like still images (many more tokens)")

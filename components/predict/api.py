@@ -280,7 +280,8 @@ class Predictor:
         split_frames: bool = False,
     ) -> str:
         """The answer to ``question`` about ``frames`` evenly spaced frames of the video, in temporal order,
-        given as that many images in one prompt (fewer if the video has fewer frames)."""
+        given as that many images in one prompt (fewer if the video has fewer frames). A still image or a
+        one-frame file raises :class:`components.predict.video.NotAVideoError` (use :meth:`ask` for those)."""
         from components.predict.video import sample_frames
 
         return self.ask_frames(question, sample_frames(video_path, frames), options, split_frames)

@@ -7,6 +7,11 @@ Pillow, so those work even without PyAV.
 Frames are chosen by index: ``frame_indices(total, n)`` spreads ``n`` picks over ``total`` frames including
 the first and the last. The video is decoded once, front to back, and only the chosen frames are converted
 to images; seeking would be faster on long videos but lands on key frames, not on the frame asked for.
+
+A video is a decodable stream with more than one frame. A still image (a photo, a one-frame GIF or PNG, a JPEG
+whatever its frame count: MPO camera files hold a second picture, not a moment later), a file with no video
+stream, or a video that decodes to a single frame raises :class:`NotAVideoError` naming the file and what to
+use instead, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -15,6 +20,22 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 INSTALL_HINT = "install PyAV (`pip install av`) to read video files; animated GIF/WebP/APNG and TIFF work without it"
+# Pillow formats whose frames follow each other in time (animations, multi-page TIFF stacks). Every other format
+# Pillow identifies is a still picture, even one with several frames (MPO, PSD layers, ICNS sizes). "MPEG" is
+# Pillow recognising an MPEG video header it cannot decode: that one goes to PyAV.
+ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "AVIF", "FLI", "TIFF"})
+VIDEO_FIX = ("--video needs a video with more than one frame (mp4, webm, mkv, mov, avi, or an animated "
+             "GIF/WebP/PNG); to ask about a still image, pass it with --image (Predictor.ask in Python)")
+
+DECODE_FIX = "check that the file is complete and is a video (mp4, webm, mkv, mov, avi, animated GIF/WebP/PNG)"
+
+
+class NotAVideoError(ValueError):
+    """The file can be read, but it is not a video (a still image, a single frame, or no video stream)."""
+
+
+def _not_a_video(path: Path, what: str) -> NotAVideoError:
+    return NotAVideoError(f"{str(path)!r} is {what}, not a video: {VIDEO_FIX}")
 
 
 def frame_indices(total: int, n: int) -> list[int]:
@@ -36,7 +57,10 @@ def frame_indices(total: int, n: int) -> list[int]:
 
 
 def sample_frames(path: str | Path, n: int) -> list[Image.Image]:
-    """``n`` evenly spaced RGB frames of the video at ``path``, in temporal order (fewer if it is shorter)."""
+    """``n`` evenly spaced RGB frames of the video at ``path``, in temporal order (fewer if it is shorter).
+
+    Raises FileNotFoundError (no such file), :class:`NotAVideoError` (readable, but a still image or one
+    frame), ValueError (cannot be decoded) or RuntimeError (needs PyAV, which is not installed)."""
     path = Path(path)
     if n < 1:
         raise ValueError(f"the number of frames must be at least 1, not {n}")
@@ -46,17 +70,29 @@ def sample_frames(path: str | Path, n: int) -> list[Image.Image]:
         image = Image.open(path)
     except UnidentifiedImageError:
         image = None
-    if image is not None:
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read video {str(path)!r}: {e}; {DECODE_FIX}") from e
+    if image is not None and image.format != "MPEG":
         with image:
-            return _pillow_frames(image, n)
+            if image.format not in ANIMATION_FORMATS:
+                raise _not_a_video(path, f"a still {image.format} image")
+            return _pillow_frames(path, image, n)
+    if image is not None:
+        image.close()
     return _pyav_frames(path, n)
 
 
-def _pillow_frames(image: Image.Image, n: int) -> list[Image.Image]:
-    frames = []
-    for index in frame_indices(getattr(image, "n_frames", 1), n):
-        image.seek(index)
-        frames.append(image.convert("RGB"))
+def _pillow_frames(path: Path, image: Image.Image, n: int) -> list[Image.Image]:
+    try:
+        total = getattr(image, "n_frames", 1)
+        if total < 2:
+            raise _not_a_video(path, f"a still {image.format} image (one frame)")
+        frames = []
+        for index in frame_indices(total, n):
+            image.seek(index)
+            frames.append(image.convert("RGB"))
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode video {str(path)!r}: {e}; {DECODE_FIX}") from e
     return frames
 
 
@@ -68,23 +104,28 @@ def _pyav_frames(path: Path, n: int) -> list[Image.Image]:
 
     try:
         total = _count_frames(av, path)
+        if total == 1:
+            raise _not_a_video(path, "a single frame (a still image)")
         wanted = frame_indices(total, n)
         frames, decoded = _decode_frames(av, path, wanted)
         if len(frames) < len(wanted):
             # The container declared more frames than it decodes to (edited or cut files do this), so the
             # whole video was decoded: choose again over the frames that are really there.
-            frames, _ = _decode_frames(av, path, frame_indices(decoded, n))
+            if decoded == 1:
+                raise _not_a_video(path, "a single decodable frame (a still image)")
+            frames, _ = _decode_frames(av, path, frame_indices(decoded, n)) if decoded else ([], 0)
+        # Every wanted frame came back: the last one has index >= 1 (total >= 2), so two or more frames decode.
     except av.FFmpegError as e:
-        raise ValueError(f"cannot decode video {str(path)!r}: {e}") from e
+        raise ValueError(f"cannot decode video {str(path)!r}: {e}; {DECODE_FIX}") from e
     if not frames:
-        raise ValueError(f"video {str(path)!r} has no frames that could be decoded")
+        raise ValueError(f"video {str(path)!r} has no frames that could be decoded; {DECODE_FIX}")
     return frames
 
 
 def _count_frames(av, path: Path) -> int:
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError(f"{str(path)!r} has no video stream")
+            raise _not_a_video(path, "a file without a video stream")
         stream = container.streams.video[0]
         if stream.frames:
             return stream.frames

@@ -12,7 +12,7 @@ from PIL import Image
 from components.common.generation import GenerationOptions, generate_answers
 from components.predict import api
 from components.predict.api import Predictor, conversation, load_image
-from components.predict.video import frame_indices, sample_frames
+from components.predict.video import NotAVideoError, frame_indices, sample_frames
 from pipelines.cli import main
 
 OPTIONS = GenerationOptions(max_new_tokens=6)
@@ -145,6 +145,59 @@ def test_sample_frames_errors(tmp_path):
     pytest.importorskip("av")
     with pytest.raises(ValueError, match="cannot decode video .*junk.mp4"):
         sample_frames(junk, 4)
+
+
+def _still_images(folder: Path) -> dict[str, Path]:
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    paths = {name: folder / name for name in ("photo.png", "photo.jpg", "one-frame.gif", "camera.mpo")}
+    red.save(paths["photo.png"])
+    red.save(paths["photo.jpg"])
+    red.save(paths["one-frame.gif"])
+    red.save(paths["camera.mpo"], save_all=True, append_images=[blue])  # two pictures, one moment: still a photo
+    return paths
+
+
+@pytest.mark.parametrize("name, what", [
+    ("photo.png", "is a still PNG image (one frame), not a video"),
+    ("photo.jpg", "is a still JPEG image, not a video"),
+    ("one-frame.gif", "is a still GIF image (one frame), not a video"),
+    ("camera.mpo", "is a still MPO image, not a video"),
+])
+def test_a_still_image_is_not_a_video(tmp_path, name, what):
+    path = _still_images(tmp_path)[name]
+    with pytest.raises(NotAVideoError) as caught:
+        sample_frames(path, 4)
+    message = str(caught.value)
+    assert message.startswith(f"{str(path)!r} {what}: --video needs a video with more than one frame")
+    assert "pass it with --image" in message
+
+
+def test_a_one_frame_video_or_audio_file_is_not_a_video(tmp_path):
+    import numpy as np
+
+    av = pytest.importorskip("av")
+    one = make_video(tmp_path / "one.mp4", 1)
+    with pytest.raises(NotAVideoError, match=r"one.mp4' is a single frame \(a still image\), not a video"):
+        sample_frames(one, 4)
+    audio = tmp_path / "tone.wav"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(NotAVideoError, match=r"tone.wav' is a file without a video stream, not a video"):
+        sample_frames(audio, 4)
+    # Two frames are a video.
+    assert [frame_index(f) for f in sample_frames(make_video(tmp_path / "two.mp4", 2), 4)] == [0, 1]
+
+
+def test_a_truncated_animation_is_a_decode_error_not_a_crash(tmp_path):
+    data = make_video(tmp_path / "clip.gif", 30).read_bytes()
+    cut = tmp_path / "cut.gif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot decode video .*cut.gif.*check that the file is complete"):
+        sample_frames(cut, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,6 +365,11 @@ def test_bad_inputs_are_named(capsys, tmp_path, demo_rows):
     junk.write_bytes(b"not a video" * 20)
     rc, _, err = run_cli(capsys, "--model", model, "--video", junk)
     assert rc == 2 and ("cannot decode video" in err or "install PyAV" in err)
+    for still in _still_images(tmp_path).values():  # predict --video photo.png: refused, the model never loaded
+        rc, out, err = run_cli(capsys, "--model", model, "--video", still)
+        assert rc == 2 and out == ""
+        assert err.startswith(f"error: {str(still)!r} is a still ") and "not a video" in err and "--image" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     rc, _, err = run_cli(capsys, "--model", model, "--image", demo_rows[0][2], "--max-new-tokens", 0,
                          "--do-sample", "--temperature", 0, "--top-p", 1.5)
     assert rc == 2
