@@ -11,8 +11,8 @@ numbers papers and model cards report, so a score here can be compared with them
   commit a013f0043c1e2cdc995922dfe257f7149aa9af06 (2021-03-11, "Fixed processing answers bug", the current
   master): https://github.com/GT-Vision-Lab/VQA/blob/a013f0043c1e2cdc995922dfe257f7149aa9af06/PythonEvaluationTools/vqaEvaluation/vqaEval.py
 - ``relaxed``: ChartQA relaxed accuracy, google-research/pix2struct ``pix2struct/metrics.py``
-  ``relaxed_correctness`` as of commit 42e24278b0cc53833bc47bf47d8090b9d3d76775 (the evaluation SmolVLM,
-  PaliGemma and MatCha report ChartQA with):
+  ``relaxed_correctness`` as of commit 42e24278b0cc53833bc47bf47d8090b9d3d76775 (copied unchanged, via
+  Qwen-VL's ``eval_mm/evaluate_vqa.py``, into lmms-eval's ``chartqa`` task):
   https://github.com/google-research/pix2struct/blob/42e24278b0cc53833bc47bf47d8090b9d3d76775/pix2struct/metrics.py
 - ``anls``: DocVQA / InfographicVQA ANLS, the challenge's own evaluation script (``evaluate_method`` of the
   script downloadable from https://rrc.cvc.uab.es/?ch=17 and https://www.docvqa.org; copies circulate as
@@ -41,8 +41,9 @@ Departures from the official scripts that remain (each explained where it is mad
    ASCII in Python 2 for a ``str`` pattern), ``re.UNICODE`` passed as ``sub``'s count is kept as count=32;
    ``str.lower``/``split`` follow Python 3's Unicode tables, which can differ from Python 2's for rare
    characters.
-5. ``relaxed`` and ``anls`` take several references and keep the best, as pix2struct's ``aggregate_metrics``
-   and the DocVQA script do; per-category means are ours (the scripts' answer types need their own files).
+5. Scores are fractions in [0, 1]; the scripts print percentages (pix2struct ``100 * mean``, vqaEval
+   ``round(100 * mean, 2)``). Several references keep the best one, as pix2struct's ``aggregate_metrics`` and
+   the DocVQA script do. Per-category means are ours (the scripts' answer types need their own files).
 
 :func:`preference_reward_stats` summarises DPO's implicit rewards on held-out preference pairs.
 """
@@ -177,6 +178,10 @@ def vqa_accuracy(prediction: str, answers: str | Sequence[str]) -> float:
     scores 1.0 when the prediction equals it (compared unnormalised, as a unanimous question is) and 0.0
     otherwise. The script itself would score 0 against any single answer, whatever the prediction.
     Use ``vqa_lenient`` to normalise always, or ``exact_match``.
+
+    (Before commit a013f00 the script normalised the prediction always and the differing human answers by
+    punctuation only, so numbers computed with that version differ on some questions: "Yes" against ten "yes"
+    scored 1.0 there, and "two" against differing answers containing "two" scored 0.)
     """
     refs = [_vqa_clean(a) for a in _as_list(answers)]
     pred = _vqa_clean(prediction)
