@@ -309,8 +309,8 @@ def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) 
 
     For each reference: the edit distance between the lowercased, whitespace-collapsed strings, divided by the
     longer of the two strings *as given* (the script measures ``len(answer.upper())`` of the raw strings, so
-    surrounding or doubled spaces lengthen the denominator: " helo " vs "hello" is 1/6, not 1/5); 0 when both
-    are empty. The score is ``1 - the smallest of those``, set to 0 when it is *below* ``threshold``, so a
+    surrounding or doubled spaces lengthen the denominator: " helo " vs "hello" is 1/6, not 1/5); a distance of
+    0 when both are empty. The score is ``1 - the smallest of those``, set to 0 when it is *below* ``threshold``, so a
     normalised distance of exactly 0.5 scores 0.5. (The ST-VQA paper writes "0 if NL >= 0.5", and pix2struct's
     ``anls_metric`` follows the paper; the challenge's leaderboard numbers come from the script.)
     """
