@@ -11,7 +11,6 @@ import io
 import json
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,6 +36,12 @@ def png16(arr: np.ndarray) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def png8(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def tiff(arr: np.ndarray) -> bytes:
@@ -68,7 +73,7 @@ def test_high_bit_depth_images_are_mapped_by_their_range_and_counted(tmp_path, c
         "colour16.png": png16(colour),
         "float.tif": tiff(floats),
         "int32.tif": tiff(ints),
-        "gray8.png": (lambda b: (Image.fromarray((RAMP // 20).astype(np.uint8)).save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
+        "gray8.png": png8((RAMP // 20).astype(np.uint8)),
     }
     for name, data in files.items():
         (src / "images" / name).write_bytes(data)
