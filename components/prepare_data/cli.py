@@ -5,7 +5,9 @@
 
 Every PrepareDataConfig field is also a flag (``components.common.cli``, as for the other steps); shipped
 configs for common dataset layouts are in ``pipelines/configs/prepare_data/``. Exit status 2 for a bad config,
-an unreadable source or a storage error, 3 when too many rows are invalid (no manifest is written then).
+an unreadable source or a storage error, 3 when too many rows are invalid (no manifest is written then; the
+message shows the first rejected rows and the full list is left at ``OUTPUT/rejects.jsonl``). Every rejected
+row of a finished run is listed in ``rejects.jsonl`` beside the manifest.
 Run ``python -m components.prepare_data.cli --help`` for the same without the ``vlmtune`` entry point.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from components.common import storage
 from components.common.artifacts import IncompleteArtifactError
 from components.common.cli import ErrorRule, add_config_arguments, config_from_args, run_main
 from components.common.storage import StorageError
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, PrepareDataConfig, extra={"progress": False if args.no_progress else None})
         manifest = core.run(config, args.source, args.output)
         print(summarize(manifest))
+        if manifest["counts"]["rejected"]:
+            print(f"every rejected row, with its source line and what was wrong: "
+                  f"{storage.join(args.output, manifest['rejects_file'])}")
         print(f"dataset written to {args.output} (manifest.json, content hash {manifest['content_hash'][:12]})")
 
     return run_main(body, prefix="prepare-data", rules=(

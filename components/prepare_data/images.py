@@ -9,6 +9,13 @@ Storing a larger image wastes disk and decode time; storing a smaller one saves 
 than the target are downscaled to exactly the size the processor would compute (same rounding), smaller ones
 are kept as they are, and ``components.common.processor_settings.image_tokens`` predicts the processor's token
 count from the stored size.
+
+More than 8 bits per sample (16-bit grayscale PNG/TIFF: modes ``I;16*``; 32-bit ``I``; floating point ``F``;
+16-bit colour PNG): mapped to 8 bits by the image's own range, min..max of its pixel values, not by the full
+0..65535 scale, so a 12-bit scan or a depth map is not stored black. Each such image is flagged
+(``ProcessedImage.rescaled``) and counted in the manifest with a warning. A constant image has no range: it
+keeps the full-scale mapping. Pillow decodes a 16-bit *colour* PNG to its high bytes only, so there the range
+is stretched from 8-bit values (a 12-bit colour image keeps 16 levels per channel).
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from components.common.processor_settings import processor_output_size
 WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _ORIENTATION_TAG = 0x0112
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel, more than 8 bits per sample
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageRejected(Exception):
@@ -54,6 +63,7 @@ class ProcessedImage:
     source_mode: str
     source_hash: str
     reencoded: bool
+    rescaled: bool = False  # more than 8 bits per sample, mapped to 8 bits by the image's own min..max
 
 
 def stored_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
@@ -63,7 +73,55 @@ def stored_size(width: int, height: int, longest_edge: int | None) -> tuple[int,
     return processor_output_size(width, height, longest_edge)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def png_bit_depth(data: bytes) -> int | None:
+    """Bits per sample of a PNG, read from its IHDR header (Pillow hides it for 16-bit colour)."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
+
+
+def _to_8bit_by_range(im: Image.Image) -> Image.Image:
+    """A one-channel image of more than 8 bits as 8-bit ``L``: its min..max mapped to 0..255 (over the finite
+    values; NaN and -inf become 0, +inf 255). A constant image keeps the full-scale mapping: 65535 (or 255 for
+    values that fit 8 bits) is white, F values in 0..1 scale from 1.0."""
+    import numpy as np
+
+    arr = np.asarray(im).astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        arr = np.where(np.isnan(arr), -np.inf, arr)
+    lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+    if hi > lo:
+        scaled = (np.clip(arr, lo, hi) - lo) * (255.0 / (hi - lo))
+    else:
+        if im.mode.startswith("I;16") or hi > 255:
+            top = 65535.0
+        elif im.mode == "F" and 0.0 <= lo and hi <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0
+        scaled = np.where(finite, arr, 0.0) / top * 255.0
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def _stretch_colour_by_range(im: Image.Image) -> Image.Image:
+    """A 16-bit colour PNG (decoded by Pillow to its high bytes): colour channels stretched jointly, min..max
+    to 0..255, so their balance stays; alpha unchanged."""
+    import numpy as np
+
+    im = im.convert("RGBA") if im.mode in _ALPHA_MODES else im.convert("RGB")
+    arr = np.asarray(im).copy()
+    colour = arr[..., :3].astype(np.float64)
+    lo, hi = float(colour.min()), float(colour.max())
+    if hi > lo:
+        arr[..., :3] = np.clip((colour - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode=im.mode)
+
+
+def _to_rgb(im: Image.Image, deep_colour: bool = False) -> Image.Image:
+    """``im`` as 8-bit RGB: transparency onto white, more than 8 bits by the image's own range (module doc)."""
+    if deep_colour and im.mode not in HIGH_DEPTH_MODES:
+        im = _stretch_colour_by_range(im)
     mode = im.mode
     if mode == "RGB":
         return im
@@ -72,13 +130,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size, WHITE)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in HIGH_DEPTH_MODES:
+        return _to_8bit_by_range(im).convert("RGB")
     return im.convert("RGB")
 
 
@@ -108,7 +161,7 @@ def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     except UnidentifiedImageError as e:
         raise ImageRejected("not_an_image", "not a format Pillow can identify") from e
     except Image.DecompressionBombError as e:
-        raise ImageRejected("too_many_pixels", str(e)) from e
+        raise ImageRejected("too_many_pixels", f"{e} (max_image_pixels={settings.max_pixels:,})") from e
     except Exception as e:  # noqa: BLE001 - any header failure means a corrupt file
         raise ImageRejected("corrupt_image", f"{type(e).__name__}: {e}") from e
     with im:
@@ -116,9 +169,12 @@ def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         if src_w < 1 or src_h < 1:
             raise ImageRejected("corrupt_image", f"size {src_w}x{src_h}")
         if src_w * src_h > settings.max_pixels:
-            raise ImageRejected("too_many_pixels", f"{src_w}x{src_h} > max_image_pixels={settings.max_pixels}")
+            raise ImageRejected("too_many_pixels", f"{src_w}x{src_h} = {src_w * src_h:,} pixels, above "
+                                f"max_image_pixels={settings.max_pixels:,}")
         src_format = im.format or ""
         src_mode = im.mode
+        deep_colour = src_format == "PNG" and png_bit_depth(data) == 16 and src_mode not in HIGH_DEPTH_MODES
+        rescaled = src_mode in HIGH_DEPTH_MODES or deep_colour
         try:
             orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
         except Exception:  # noqa: BLE001 - unreadable EXIF: treat as upright
@@ -130,6 +186,7 @@ def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
             target_format = "jpeg" if src_format == "JPEG" else "png"
         needs_change = (
             src_mode != "RGB"
+            or deep_colour
             or orientation != 1
             or (out_w, out_h) != (upright_w, upright_h)
             or src_format != target_format.upper()
@@ -148,11 +205,11 @@ def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         try:
             im.load()
             fixed = ImageOps.exif_transpose(im) if orientation != 1 else im
-            fixed = _to_rgb(fixed)
+            fixed = _to_rgb(fixed, deep_colour)
             if fixed.size != (out_w, out_h):
                 fixed = fixed.resize((out_w, out_h), Image.Resampling.LANCZOS)
         except Image.DecompressionBombError as e:
-            raise ImageRejected("too_many_pixels", str(e)) from e
+            raise ImageRejected("too_many_pixels", f"{e} (max_image_pixels={settings.max_pixels:,})") from e
         except Exception as e:  # noqa: BLE001
             raise _decode_reject(e) from e
     buf = io.BytesIO()
@@ -160,7 +217,7 @@ def _process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         fixed.save(buf, "JPEG", quality=settings.jpeg_quality)
     else:
         fixed.save(buf, "PNG", compress_level=3)
-    return ProcessedImage(buf.getvalue(), target_format, out_w, out_h, src_w, src_h, src_mode, source_hash, True)
+    return ProcessedImage(buf.getvalue(), target_format, out_w, out_h, src_w, src_h, src_mode, source_hash, True, rescaled)
 
 
 def _decode_reject(e: Exception) -> ImageRejected:
@@ -183,9 +240,9 @@ def process_refs(refs: list, settings: ImageSettings) -> list:
                     with open(value, "rb") as f:
                         data = f.read()
                 except FileNotFoundError as e:
-                    raise ImageRejected("missing_image", f"{value} does not exist") from e
+                    raise ImageRejected("missing_image", "no such file") from e
                 except IsADirectoryError as e:
-                    raise ImageRejected("missing_image", f"{value} is a folder") from e
+                    raise ImageRejected("missing_image", "a folder, not an image file") from e
             else:
                 data = value
             out.append(process_image(data, settings))

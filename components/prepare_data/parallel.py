@@ -2,20 +2,63 @@
 
 Rows stream in; chunks of them go to worker processes (``images.process_chunk``: decode, fix, resize,
 encode); results come back in submission order, so the output is the same for any number of workers.
+
+Workers die with their parent: a killed ``prepare-data`` (SIGKILL, SIGTERM, a preempted pod) must not leave
+orphans holding hundreds of MB each. On Linux each worker asks the kernel for SIGKILL when its parent goes
+(``prctl(PR_SET_PDEATHSIG)``); elsewhere, or if that call fails, a thread in the worker polls its parent pid.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import ctypes
 import math
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from components.prepare_data import images as imagelib
 
 CHUNK_ROWS = 8  # rows per task sent to a worker: amortises the IPC without holding many images in flight
+PARENT_POLL_S = 0.5  # how often the portable fallback checks that the parent is still alive
+USE_PDEATHSIG = sys.platform.startswith("linux")  # False: always use the polling fallback (tests set it)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: make this process exit as soon as ``parent_pid`` (the pool's owner) is gone.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the worker ends; ProcessPoolExecutor forks every
+    worker from the thread that submits the first task, which is the thread running the whole pool (the
+    ``with ImagePool`` block), so the signal comes exactly when that thread's process dies. The parent may
+    already be gone by the time the call is made (a kill right after the fork): checked right after it.
+    """
+    if USE_PDEATHSIG and _set_pdeathsig(signal.SIGKILL):
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        return
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the symbols already loaded, libc among them (no ldconfig run)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # An orphan is re-parented (to init or a subreaper), so a changed parent pid means the owner died.
+    # os._exit, not sys.exit: the main thread may be blocked in a read that would never return.
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def available_cpus() -> int:
@@ -62,7 +105,10 @@ class ImagePool:
             # fork: no interpreter start-up per worker and no re-import of __main__ (spawn breaks for `python -`
             # and stdin-fed runners). Workers only run Pillow code, never the parent's threads or torch.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.executor = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context(method))
+            self.executor = cf.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context(method),
+                initializer=_die_with_parent, initargs=(os.getpid(),),
+            )
         return self
 
     def __exit__(self, *exc) -> None:

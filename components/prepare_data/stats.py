@@ -1,13 +1,19 @@
 """What ``prepare-data`` counts while it streams rows: rejects by reason (with examples), and the sizes and
-token costs of the stored images. Both end up in the dataset manifest, so no row is lost without a trace."""
+token costs of the stored images. Both end up in the dataset manifest (every rejected row also in
+``rejects.jsonl`` beside it), so no row is lost without a trace."""
 from __future__ import annotations
 
 import collections
-from typing import Any
+import json
+from typing import IO, TYPE_CHECKING, Any
 
 from components.common.processor_settings import tokens_for_size
 
+if TYPE_CHECKING:
+    from components.prepare_data.sources import Where
+
 EXAMPLES_PER_REASON = 5
+FIRST_RECORDS = 5  # rejected rows described in full in a failure message (no manifest then)
 # Reasons that are not "invalid input": they do not count towards max_invalid_fraction.
 NOT_INVALID = {"duplicate"}
 
@@ -34,16 +40,36 @@ class Stat:
 
 
 class Rejects:
-    """Rejected rows by reason: a count and the first few row ids (or source positions) as examples."""
+    """Rejected rows by reason: a count and the first few row ids (or source positions) as examples, for the
+    manifest; and, when given a ``log``, one JSON line per rejected row (``rejects.jsonl``): its id, source
+    file, line and row number, reason and a human detail. The first few invalid ones are also kept
+    (``first``), for a failure message when no manifest is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: IO[str] | None = None) -> None:
         self.by_reason: dict[str, dict[str, Any]] = {}
+        self.log = log
+        self.first: list[dict[str, Any]] = []
 
-    def add(self, reason: str, example: str) -> None:
+    def add(self, reason: str, example: str, *, detail: str | None = None, row_id: str | None = None,
+            where: "Where | None" = None) -> None:
         entry = self.by_reason.setdefault(reason, {"count": 0, "examples": []})
         entry["count"] += 1
         if len(entry["examples"]) < EXAMPLES_PER_REASON:
             entry["examples"].append(example)
+        keep = reason not in NOT_INVALID and len(self.first) < FIRST_RECORDS
+        if self.log is not None or keep:
+            record = {
+                "id": row_id,
+                "file": where.file if where else None,
+                "line": where.line if where else None,
+                "row": where.row if where else None,
+                "reason": reason,
+                "detail": detail or None,
+            }
+            if keep:
+                self.first.append(record)
+            if self.log is not None:
+                self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def count(self, exclude: set[str] = frozenset()) -> int:
         return sum(e["count"] for r, e in self.by_reason.items() if r not in exclude)
@@ -54,6 +80,19 @@ class Rejects:
 
     def as_dict(self) -> dict[str, Any]:
         return {r: self.by_reason[r] for r in sorted(self.by_reason)}
+
+
+def describe_reject(record: dict[str, Any]) -> str:
+    """One rejects.jsonl record as a line for a person: ``rows.jsonl line 3 (id r2): missing_image: ...``."""
+    where = record.get("file") or "row"
+    if record.get("line") is not None:
+        where += f" line {record['line']}"
+    elif record.get("row") is not None:
+        where += f" row {record['row']}"
+    if record.get("id") is not None:
+        where += f" (id {record['id']})"
+    detail = f": {record['detail']}" if record.get("detail") else ""
+    return f"{where}: {record['reason']}{detail}"
 
 
 class ImageStats:
@@ -68,6 +107,7 @@ class ImageStats:
         self.source_modes: collections.Counter = collections.Counter()
         self.reencoded = 0
         self.passed_through = 0
+        self.rescaled: collections.Counter = collections.Counter()  # source mode -> images mapped by their range
         self._tokens_by_size: dict[tuple[int, int], int | None] = {}  # few distinct sizes: compute each once
 
     def add_row(self, images: list) -> None:
@@ -79,6 +119,8 @@ class ImageStats:
             self.series["source_width"].add(image.source_width)
             self.series["source_height"].add(image.source_height)
             self.source_modes[image.source_mode] += 1
+            if image.rescaled:
+                self.rescaled[image.source_mode] += 1
             if image.reencoded:
                 self.reencoded += 1
             else:
@@ -109,7 +151,17 @@ class ImageStats:
             "source_modes": dict(sorted(self.source_modes.items())),
             "per_row": s["images_per_row"].summary(),
             "stored_longest_edge_cap": stored_longest_edge_cap,
+            "rescaled_to_8bit": sum(self.rescaled.values()),
         }
+
+    def warnings(self) -> list[str]:
+        """Lossy conversions a user should know about (they go into the manifest's warnings)."""
+        if not self.rescaled:
+            return []
+        modes = ", ".join(f"{mode} x{n}" for mode, n in sorted(self.rescaled.items()))
+        return [f"{sum(self.rescaled.values())} image(s) had more than 8 bits per sample ({modes}; 'RGB'/'RGBA': "
+                f"16-bit colour PNG): each was mapped to 8 bits by its own min..max range (a constant one by "
+                f"the full scale), so brightness is relative within each image (images.rescaled_to_8bit)"]
 
     def tokens_per_image(self) -> dict[str, Any] | None:
         stat = self.series["tokens_per_image"]

@@ -224,7 +224,8 @@ def test_manifest_keys_and_files(nasty):
         assert key in m, key
     assert m["kind"] == schema.DATASET_KIND and m["task"] == "sft"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["eval/part-00000.parquet", "manifest.json", "train/part-00000.parquet"]
+    assert files == ["eval/part-00000.parquet", "manifest.json", "rejects.jsonl", "train/part-00000.parquet"]
+    assert m["rejects_file"] == "rejects.jsonl"
     assert m["config"]["max_image_pixels"] == 100_000
     assert m["processor_settings"] is None and m["tokens_per_image"] is None
     assert m["images"]["source_modes"]["CMYK"] == 1
@@ -321,6 +322,7 @@ def test_max_invalid_fraction_fails_above_and_warns_below(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "prepared 9 of 10 rows" in out and "missing_image" in out and "warning" in out
+    assert f"every rejected row, with its source line and what was wrong: {tmp_path / 'out' / 'rejects.jsonl'}" in out
     assert artifacts.read_manifest(str(tmp_path / "out"))["counts"]["rows_out"] == 9
 
 
@@ -369,3 +371,94 @@ def test_same_id_with_different_content_is_rejected(tmp_path):
     assert m["rejects"] == {"duplicate_id": {"count": 1, "examples": ["row-1"]},
                             "duplicate": {"count": 1, "examples": ["row-1"]}}
     assert read_rows(tmp_path / "out")["row-1"]["answers"] == ["answer 1"]  # the first one wins
+
+
+def test_rejects_jsonl_lists_every_rejected_row_with_position_and_detail(nasty):
+    m = nasty["manifest"]
+    records = [json.loads(line) for line in (nasty["out"] / "rejects.jsonl").read_text().splitlines()]
+    assert len(records) == m["counts"]["rejected"] == 12
+    assert {k for r in records for k in r} == {"id", "file", "line", "row", "reason", "detail"}
+    # Same counts per reason as the manifest, and every line points at the very row it names.
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+        assert r["file"] == "rows.jsonl" and r["line"] == r["row"]  # no blank lines in this source
+        source_row = nasty["rows"][r["line"] - 1]
+        if r["id"] is not None:
+            assert source_row["id"] == r["id"]
+    assert counts == {reason: e["count"] for reason, e in m["rejects"].items()}
+    by_id = {r["id"]: r for r in records if r["id"] is not None}
+    assert by_id["huge"]["detail"] == "images/huge.png: 400x300 = 120,000 pixels, above max_image_pixels=100,000"
+    assert by_id["missing"]["detail"] == "images/nope.png: no such file"
+    assert by_id["zero"]["detail"] == "images/zero.png: zero bytes"
+    assert by_id["number_answer"]["detail"] == "answer column 'answer' holds int 42, not text"
+    assert by_id["empty_answer"]["detail"] == "answer column 'answer' is blank ('  ')"
+    assert by_id["no_question"]["detail"] == "question column 'question' is null"
+    assert by_id["escape"]["detail"].startswith("'../outside.png' resolves to ") and "outside the source folder" in by_id["escape"]["detail"]
+    assert by_id["rgb_again"]["reason"] == "duplicate" and "earlier row" in by_id["rgb_again"]["detail"]
+    (malformed,) = [r for r in records if r["reason"] == "malformed_row"]
+    assert malformed == {"id": None, "file": "rows.jsonl", "line": len(nasty["rows"]), "row": len(nasty["rows"]),
+                         "reason": "malformed_row",
+                         "detail": "not JSON: Expecting property name enclosed in double quotes at column 2"}
+
+
+def test_too_many_invalid_rows_shows_first_rejects_and_leaves_the_full_list(tmp_path, capsys):
+    src = _good_source(tmp_path / "src", 6)
+    with open(src / "rows.jsonl", "a") as f:
+        for i in range(7):
+            f.write(json.dumps(sft_row(f"gone-{i}", f"images/gone-{i}.png")) + "\n")
+    out = tmp_path / "out"
+    rc = cli.main(["--source", str(src), "--output", str(out), "--no-progress", "--num-workers", "0",
+                   "--max-invalid-fraction", "0.5"])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 3 and "Traceback" not in err
+    # (the 7th bad row is the last one: the known total already shows the limit is passed)
+    assert lines[0].startswith("prepare-data: after the first 13 rows (stopped early) 7 of 13 rows of ")
+    assert "are invalid (53.8%), above max_invalid_fraction=50.0%" in lines[0]
+    assert lines[1] == "First rejected rows:"
+    assert lines[2:7] == [f"  rows.jsonl line {7 + i} (id gone-{i}): missing_image: images/gone-{i}.png: no such file"
+                          for i in range(5)]
+    assert lines[7] == f"Every rejected row (7) is listed in {out / 'rejects.jsonl'}."
+    assert lines[8] == f"No manifest was written to {str(out)!r}."
+    # The full list is there; the folder is still not a dataset.
+    records = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"gone-{i}" for i in range(7)]
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl"]
+    assert not artifacts.is_complete(str(out))
+    with pytest.raises(artifacts.IncompleteArtifactError):
+        load_split(str(out), "train")
+    # A good rerun replaces the list with its own (here: empty) and publishes the dataset.
+    m = core.run(cfg(max_invalid_fraction=0.6), str(src), str(out))
+    assert m["counts"]["rejected"] == 7 and len((out / "rejects.jsonl").read_text().splitlines()) == 7
+    for f in (src / "images").glob("gone-*"):
+        f.unlink()
+    (src / "rows.jsonl").write_text("".join(line + "\n" for line in (src / "rows.jsonl").read_text().splitlines()[:6]))
+    m = core.run(cfg(), str(src), str(out))
+    assert m["counts"]["rejected"] == 0 and (out / "rejects.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_early_give_up_counts_every_row_it_read(tmp_path, capsys, workers):
+    """Rows 100.. are all bad: even ones fail while being read (no answer), odd ones in the image workers (no
+    image file). When the run gives up, the rows still in the workers are counted too: exact counts."""
+    good = 100
+    src = _good_source(tmp_path / "src", good)
+    with open(src / "rows.jsonl", "a") as f:
+        for i in range(good, 400):
+            row = sft_row(f"bad-{i}", f"images/{i % good}.png", answer=None) if i % 2 == 0 else sft_row(f"bad-{i}", f"images/absent-{i}.png")
+            f.write(json.dumps(row) + "\n")
+    with pytest.raises(core.TooManyInvalidRowsError) as caught:
+        core.run(cfg(max_invalid_fraction=0.1, num_workers=workers), str(src), str(tmp_path / "out"))
+    e = caught.value
+    counts, rejects = e.summary["counts"], e.summary["rejects"]
+    rows_in = counts["rows_in"]
+    bad = rows_in - good  # every row read after the good ones is bad, and every one of them is counted
+    assert 40 < bad < 300  # stopped early: more than 10% of 400 invalid, long before the end
+    assert counts["invalid"] == counts["rejected"] == bad and counts["rows_out"] == good
+    assert rejects["empty_answer"]["count"] == (bad + 1) // 2 and rejects["missing_image"]["count"] == bad // 2
+    first_line = str(e).splitlines()[0]
+    assert first_line.startswith(f"after the first {rows_in} rows (stopped early) {bad} of {rows_in} rows of ")
+    assert f"empty_answer={(bad + 1) // 2} " in first_line and f"missing_image={bad // 2} " in first_line
+    records = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    assert len(records) == bad

@@ -194,3 +194,143 @@ def test_gs_source_and_output(gcs_bucket, tmp_path):
     assert sum(len(d) for d in loaded.values()) == 6
     row = loaded["train"][0]  # the downloaded shards are gone; rows still read from datasets' own cache
     assert row["images"][0].size == (8, 6) and row["answers"][0].startswith("a")
+
+
+def _row(i: int) -> dict:
+    return {"id": f"r{i}", "image": "images/1.png", "question": "Colour?", "answer": f"red {i}"}
+
+
+def _folder_with_strays(src: Path) -> Path:
+    (src / "images").mkdir(parents=True)
+    (src / "images/1.png").write_bytes(png_bytes())
+    (src / "part-a.jsonl").write_text("".join(json.dumps(_row(i)) + "\n" for i in range(3)))
+    (src / "part-b.json").write_text(json.dumps([_row(i) for i in range(3, 6)], indent=2))  # an array of rows
+    (src / "part-c.json").write_text("".join(json.dumps(_row(i)) + "\n" for i in range(6, 8)))  # JSON lines
+    (src / "metadata.json").write_text(json.dumps({"name": "my set", "license": "cc-by", "splits": [1, 2]}, indent=2))
+    (src / "labels.json").write_text(json.dumps(["red", "green", "blue"]))
+    (src / "stats.json").write_text(json.dumps({"rows": 8, "mean_width": 8.0}))  # one compact line, not a row
+    (src / "README.md").write_text("# my data\n")
+    return src
+
+
+def test_folder_reads_json_rows_by_content_and_ignores_stray_files_with_a_note(tmp_path, capsys):
+    src = _folder_with_strays(tmp_path / "src")
+    manifest = core.run(cfg(max_invalid_fraction=0.0), str(src), str(tmp_path / "out"))
+    assert set(rows_of(tmp_path / "out")) == {f"r{i}" for i in range(8)}
+    assert manifest["counts"]["rows_in"] == 8 and manifest["rejects"] == {}
+    notes = [
+        "ignored labels.json in the source folder: it holds a JSON array of strings, not of row objects, not rows "
+        "(a .json row file holds a JSON array of row objects, or one row object per line (JSON lines))",
+        "ignored metadata.json in the source folder: it holds one JSON object spread over several lines "
+        "(pretty-printed), not one object per line, not rows (a .json row file holds a JSON array of row objects, "
+        "or one row object per line (JSON lines))",
+        "ignored stats.json in the source folder: it holds objects without the image column 'image' (its first has: "
+        "rows, mean_width; set image_column if one of these holds the images), not rows (a .json row file holds a "
+        "JSON array of row objects, or one row object per line (JSON lines))",
+    ]
+    assert manifest["warnings"] == notes
+    assert capsys.readouterr().err.splitlines() == [f"prepare-data: note: {n}" for n in notes]
+    assert (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+
+
+def test_json_array_rows_carry_their_line_in_rejects(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "images/1.png").write_bytes(png_bytes())
+    rows = [_row(0), {**_row(1), "image": "images/none.png"}, "not an object"]
+    (src / "data.json").write_text(json.dumps(rows, indent=1))
+    core.run(cfg(max_invalid_fraction=1.0), str(src / "data.json"), str(tmp_path / "out"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    text = (src / "data.json").read_text().splitlines()
+    assert sorted(records, key=lambda r: r["row"]) == [
+        {"id": "r1", "file": "data.json", "line": 8, "row": 2, "reason": "missing_image",
+         "detail": "images/none.png: no such file"},
+        {"id": None, "file": "data.json", "line": 14, "row": 3, "reason": "malformed_row",
+         "detail": "element 3 of the array is a JSON string, not a row object"},
+    ]
+    assert text[7].strip() == "{" and text[13].strip() == '"not an object"'
+
+
+def test_json_lines_file_with_a_bad_first_line_is_still_rows(tmp_path):
+    src = write_jsonl(tmp_path / "src", [])
+    (src / "rows.jsonl").unlink()
+    (src / "data.json").write_text('{"id": "r0", "image": \n' + "".join(json.dumps(_row(i)) + "\n" for i in (1, 2)))
+    manifest = core.run(cfg(max_invalid_fraction=0.5), str(src), str(tmp_path / "out"))
+    assert set(rows_of(tmp_path / "out")) == {"r1", "r2"} and manifest["warnings"][0].startswith("1 of 3 rows invalid")
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert record == {"id": None, "file": "data.json", "line": 1, "row": 1, "reason": "malformed_row",
+                      "detail": "not JSON: Expecting value at column 24"}  # the end of the line
+
+
+def test_extra_row_files_beside_rows_jsonl_get_a_note(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "src", [_row(0)])
+    (src / "extra.jsonl").write_text(json.dumps(_row(1)) + "\n")
+    manifest = core.run(cfg(), str(src), str(tmp_path / "out"))
+    assert set(rows_of(tmp_path / "out")) == {"r0"}
+    assert manifest["warnings"] == ["ignored extra.jsonl in the source folder: it has rows.jsonl, the only row file "
+                                    "read when present (merge them into rows.jsonl, or remove it to read every row file)"]
+    assert "prepare-data: note: ignored extra.jsonl" in capsys.readouterr().err
+
+
+def _cli(src: Path, out: Path, capsys) -> tuple[int, list[str], str]:
+    from components.prepare_data import cli
+
+    rc = cli.main(["--source", str(src), "--output", str(out), "--no-progress", "--num-workers", "0"])
+    captured = capsys.readouterr()
+    return rc, captured.err.splitlines(), captured.err
+
+
+@pytest.mark.parametrize("content,first_line_end", [
+    (json.dumps({"rows": [_row(0)]}, indent=2),
+     "it holds one JSON object spread over several lines (pretty-printed), not one object per line; a .json row "
+     "file holds a JSON array of row objects, or one row object per line (JSON lines)"),
+    ('["a", "b"]', "it holds a JSON array of strings, not of row objects; a .json row file holds a JSON array of "
+                   "row objects, or one row object per line (JSON lines)"),
+], ids=["pretty-printed-object", "array-of-strings"])
+def test_a_json_source_that_is_not_rows_fails_with_what_it_holds(tmp_path, capsys, content, first_line_end):
+    (tmp_path / "data.json").write_text(content)
+    rc, lines, err = _cli(tmp_path / "data.json", tmp_path / "out", capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert lines[0] == (f"prepare-data: cannot read --source {str(tmp_path / 'data.json')!r}: source "
+                        f"{str(tmp_path / 'data.json')!r} is not a row file: {first_line_end}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_json_array_fails_naming_line_and_column(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "src", [])
+    (src / "rows.jsonl").unlink()
+    text = json.dumps([_row(0), _row(1)], indent=2)
+    (src / "data.json").write_text(text.replace('"r1",', '"r1"', 1))  # a missing comma on line 9
+    rc, lines, err = _cli(src / "data.json", tmp_path / "out", capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert lines[0] == (f"prepare-data: cannot read --source {str(src / 'data.json')!r}: {str(src / 'data.json')!r} "
+                        f"is not a valid JSON array: Expecting ',' delimiter at line 10 column 5. Fix the file, or "
+                        f"write it as JSON lines (one row object per line), where a bad line rejects only that row")
+    assert not artifacts.is_complete(str(tmp_path / "out"))
+
+
+def test_a_folder_of_only_stray_json_says_what_it_ignored(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "metadata.json").write_text(json.dumps({"name": "x"}, indent=2))
+    rc, lines, err = _cli(src, tmp_path / "out", capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert lines[-1].startswith(f"prepare-data: cannot read --source {str(src)!r}: source folder {str(src)!r} holds "
+                                f"no rows (ignored metadata.json in the source folder: it holds one JSON object")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gcs
+def test_gs_output_of_a_failed_run_holds_only_the_rejects_list(gcs_bucket, tmp_path):
+    rows = [{"id": f"r{i}", "image": "images/1.png" if i < 3 else f"images/none-{i}.png", "question": "q",
+             "answer": f"a{i}"} for i in range(6)]
+    src = write_jsonl(tmp_path / "src", rows)
+    out = f"gs://{gcs_bucket}/failed"
+    with pytest.raises(core.TooManyInvalidRowsError) as caught:
+        core.run(cfg(max_invalid_fraction=0.2), str(src), out)
+    assert caught.value.rejects_file == f"{out}/rejects.jsonl"
+    assert str(caught.value).splitlines()[-1] == f"Every rejected row (3) is listed in {out}/rejects.jsonl."
+    assert storage.list_files(out) == [f"{out}/rejects.jsonl"]
+    records = [json.loads(line) for line in storage.read_text(f"{out}/rejects.jsonl").splitlines()]
+    assert [(r["id"], r["reason"], r["line"]) for r in records] == [(f"r{i}", "missing_image", i + 1) for i in range(3, 6)]
+    assert not artifacts.is_complete(out)
