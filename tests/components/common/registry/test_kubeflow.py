@@ -144,7 +144,9 @@ def _one_tls_context(monkeypatch):
 
 @pytest.fixture
 def registry(fake_server):
-    return open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="ci")
+    # artifact_root=none: these tests are about the requests; the copy into the registry's prefix is tested on the
+    # GCS emulator below.
+    return open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="ci")
 
 
 def register(reg, n: int, *, content_hash=None, make_champion=True):
@@ -158,15 +160,20 @@ def test_register_sends_model_version_artifact_and_champion_alias(registry, fake
     v1 = register(registry, 1)
     (rm_body,) = fake_server.sent("POST", "/registered_models")
     assert rm_body["name"] == "chart-vlm" and rm_body["owner"] == "ci"
-    (mv_body,) = fake_server.sent("POST", "/model_versions")
+    # the version, then the champion's first move: a create-only version named after the alias and the move number
+    mv_body, move_body = fake_server.sent("POST", "/model_versions")
     assert mv_body["name"] == "1" and mv_body["registeredModelId"] == "1" and mv_body["author"] == "ci"
+    assert move_body["name"] == "vlmtune-alias-champion-1" and move_body["registeredModelId"] == "1"
+    assert move_body["customProperties"]["vlmtune_alias_version"]["string_value"] == "1"
+    assert move_body["customProperties"]["vlmtune_alias_previous"]["string_value"] == ""
     props = mv_body["customProperties"]
     assert props["vlmtune_content_hash"] == {"metadataType": "MetadataStringValue", "string_value": f"{1:064x}"}
     assert props["metric_vqa"]["double_value"] == 0.1
     assert props["metric_per_category.count"]["double_value"] == 0.5
     record = json.loads(props["vlmtune_record"]["string_value"])
     assert record["lineage"]["base_model"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
-    (artifact,) = fake_server.sent("POST", "/artifacts")
+    artifact, move_artifact = fake_server.sent("POST", "/artifacts")
+    assert move_artifact["uri"] == artifact["uri"]
     assert artifact["artifactType"] == "model-artifact"
     assert artifact["uri"] == "gs://acme-ml/runs/1/dpo"
     assert artifact["modelFormatName"] == "idefics3"
@@ -197,7 +204,7 @@ def test_same_content_hash_is_idempotent(registry, fake_server):
     register(registry, 1)
     again = register(registry, 5, content_hash=f"{1:064x}")
     assert again.version == 1 and again.model_uri == "gs://acme-ml/runs/1/dpo"
-    assert len(fake_server.sent("POST", "/model_versions")) == 1
+    assert [b["name"] for b in fake_server.sent("POST", "/model_versions")] == ["1", "vlmtune-alias-champion-1"]
 
 
 def test_a_version_number_taken_meanwhile_is_skipped(registry, fake_server):
@@ -205,7 +212,7 @@ def test_a_version_number_taken_meanwhile_is_skipped(registry, fake_server):
     # another writer takes "2" between our listing and our create: the server refuses, we retry with 3
     real = registry._raw_versions
     registry._raw_versions = lambda name: [v for v in real(name) if v.name != "2"]
-    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="other")
+    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="other")
     register(other, 2)
     v = register(registry, 3)
     assert v.version == 3

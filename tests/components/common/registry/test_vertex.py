@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform")
 
-from google.api_core.exceptions import AlreadyExists, NotFound  # noqa: E402
+from google.api_core.exceptions import Aborted, AlreadyExists, NotFound  # noqa: E402
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient  # noqa: E402
 from google.cloud.aiplatform_v1.types import model as gca_model  # noqa: E402
@@ -24,10 +24,14 @@ PARENT = "projects/p1/locations/europe-west4"
 
 class FakeModelService:
     """Vertex Model Registry semantics that matter here: server-side version ids, unique aliases (assigning
-    one moves it), exactly one ``default`` version, label / display-name filters."""
+    one moves it), exactly one ``default`` version, label / display-name filters, and model-level labels
+    updated by ``UpdateModel`` under an ``etag`` (a stale etag is refused with ABORTED, as the API documents
+    for read-modify-write updates; a model-level read merges model and version labels)."""
 
     def __init__(self):
         self.models: dict[str, list[gca_model.Model]] = {}
+        self.model_labels: dict[str, dict[str, str]] = {}
+        self.etags: dict[str, int] = {}
         self.requests: list[tuple[str, object]] = []
 
     # -- helpers
@@ -82,15 +86,35 @@ class FakeModelService:
         return types.SimpleNamespace(result=lambda timeout=None: response,
                                      operation=types.SimpleNamespace(name=f"{base}/operations/{len(self.requests)}"))
 
+    def _model_level(self, base: str) -> gca_model.Model:
+        """A model-level read: the default version with the model labels merged in, and the model's etag."""
+        merged = gca_model.Model(self._resolve(base))
+        merged.labels.update(self.model_labels.get(base, {}))
+        merged.etag = str(self.etags.get(base, 0))
+        return merged
+
     def get_model(self, request=None, *, name=None, **kwargs):
         name = name or gca_ms.GetModelRequest(request).name
         self.requests.append(("get_model", name))
-        return self._resolve(name)
+        return self._model_level(name) if "@" not in name else self._resolve(name)
+
+    def update_model(self, request=None, *, model=None, update_mask=None, **kwargs):
+        request = gca_ms.UpdateModelRequest(request) if request is not None else gca_ms.UpdateModelRequest(
+            model=model, update_mask=update_mask)
+        self.requests.append(("update_model", request))
+        base = request.model.name
+        assert "@" not in base and list(request.update_mask.paths) == ["labels"], request
+        self._resolve(base)
+        if request.model.etag != str(self.etags.get(base, 0)):
+            raise Aborted(f"etag {request.model.etag!r} of {base} is stale")
+        self.model_labels[base] = dict(request.model.labels)
+        self.etags[base] = self.etags.get(base, 0) + 1
+        return self._model_level(base)
 
     def list_models(self, request=None, **kwargs):
         request = gca_ms.ListModelsRequest(request)
         self.requests.append(("list_models", request))
-        defaults = [self._resolve(base) for base in self.models if base.startswith(request.parent)]
+        defaults = [self._model_level(base) for base in self.models if base.startswith(request.parent)]
         return [m for m in defaults if self._matches(m, request.filter)]
 
     def list_model_versions(self, request=None, **kwargs):
@@ -111,7 +135,8 @@ class FakeModelService:
 @pytest.fixture
 def vertex(monkeypatch):
     fake = FakeModelService()
-    for method in ("upload_model", "get_model", "list_models", "list_model_versions", "merge_version_aliases"):
+    for method in ("upload_model", "get_model", "list_models", "list_model_versions", "merge_version_aliases",
+                   "update_model"):
         monkeypatch.setattr(ModelServiceClient, method,
                             lambda self, *a, _m=method, **kw: getattr(fake, _m)(*a, **kw))
     return fake
@@ -119,7 +144,10 @@ def vertex(monkeypatch):
 
 @pytest.fixture
 def registry(vertex):
-    return open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials(),
+    # artifact_root=none: these tests are about the requests; the copy into the registry's prefix is tested on the
+    # GCS emulator below.
+    return open_registry("vertex://projects/p1/locations/europe-west4?artifact_root=none",
+                         credentials=AnonymousCredentials(),
                          serving_container_image_uri="europe-docker.pkg.dev/p1/serve/vlm:1")
 
 
@@ -144,7 +172,14 @@ def test_first_registration_uploads_a_new_model_with_labels_and_champion_alias(r
     assert upload.model_id == "chart-vlm"
     assert upload.model.display_name == "Chart-VLM"
     assert upload.model.artifact_uri == "gs://acme-ml/runs/1/dpo"
-    assert sorted(upload.model.version_aliases) == ["champion", "default"]
+    # no alias but `default` (a new model needs one default version) travels with an upload; the champion moves
+    # after it, under the etag guard: the model-level label first, then Vertex's own alias
+    assert list(upload.model.version_aliases) == ["default"]
+    (label_update,) = vertex.sent("update_model")
+    assert label_update.model.name == f"{PARENT}/models/chart-vlm" and label_update.model.etag == "0"
+    assert label_update.model.labels["vlmtune_alias_champion"] == "1"
+    assert "vlmtune_content_hash" not in label_update.model.labels  # version labels stay on the version
+    assert vertex.sent("merge_version_aliases") == [(f"{PARENT}/models/chart-vlm@1", ["champion", "default"])]
     assert upload.model.container_spec.image_uri == "europe-docker.pkg.dev/p1/serve/vlm:1"
     assert dict(upload.model.labels) == {
         "vlmtune_name": "chart-vlm",
@@ -168,7 +203,8 @@ def test_next_registration_is_a_version_of_the_same_model_and_takes_the_alias(re
     v2 = register(registry, 2)
     second = vertex.sent("upload_model")[1]
     assert second.parent_model == f"{PARENT}/models/chart-vlm"
-    assert sorted(second.model.version_aliases) == ["champion", "default"]
+    assert list(second.model.version_aliases) == []
+    assert [u.model.labels["vlmtune_alias_champion"] for u in vertex.sent("update_model")] == ["1", "2"]
     assert second.model.artifact_uri == "gs://acme-ml/runs/2/dpo"
     assert v2.version == 2
     assert registry.get("Chart-VLM", "champion").version == 2
