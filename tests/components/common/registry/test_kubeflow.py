@@ -216,3 +216,82 @@ def test_a_version_number_taken_meanwhile_is_skipped(registry, fake_server):
     register(other, 2)
     v = register(registry, 3)
     assert v.version == 3
+
+
+# ---- compare-and-set promotion: create-only move versions --------------------------------------------------------
+def test_promote_moves_the_champion_only_from_the_expected_version(registry, fake_server):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    stale = registry.promote("chart-vlm", 3, expected=None)
+    assert (stale.promoted, stale.current) == (False, 1)
+    assert registry.promote("chart-vlm", 2, expected=1).promoted
+    moves = [b for b in fake_server.sent("POST", "/model_versions") if b["name"].startswith("vlmtune-alias-")]
+    assert [(b["name"], b["customProperties"]["vlmtune_alias_version"]["string_value"],
+             b["customProperties"]["vlmtune_alias_previous"]["string_value"]) for b in moves] == [
+        ("vlmtune-alias-champion-1", "1", ""), ("vlmtune-alias-champion-2", "2", "1")]
+    assert registry.get("chart-vlm", "champion").version == 2
+    # the move versions are bookkeeping, not vlmtune versions
+    assert [v.version for v in registry.list_versions("chart-vlm")] == [1, 2, 3]
+    assert registry.get("chart-vlm", "latest").version == 3
+
+
+@pytest.mark.parametrize("refused_by", ["client", "server"])
+def test_of_two_racing_promotions_the_second_move_is_refused(registry, fake_server, monkeypatch, refused_by):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    if refused_by == "server":  # the client's own existence check misses it (a race): the server's 409 decides
+        real_lookup = registry.client._api.get_model_version_by_params
+
+        async def moves_never_found(rm_id, name, *args, **kwargs):
+            if str(name).startswith("vlmtune-alias-"):
+                return None
+            return await real_lookup(rm_id, name, *args, **kwargs)
+
+        monkeypatch.setattr(registry.client._api, "get_model_version_by_params", moves_never_found)
+    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="other")
+    real_heads = registry._alias_heads
+    raced = []
+
+    def another_run_lands_first(name, rm=None, raw=None):
+        heads = real_heads(name, rm, raw)  # we read move 1 (champion = 1)...
+        if not raced:
+            raced.append(None)
+            raced[0] = other.promote("chart-vlm", 3, expected=1)  # ...and another run makes move 2 first
+        return heads
+
+    monkeypatch.setattr(registry, "_alias_heads", another_run_lands_first)
+    ours = registry.promote("chart-vlm", 2, expected=1)
+    assert raced[0].promoted and (ours.promoted, ours.current) == (False, 3)
+    refused = [b for m, p, _, b in fake_server.requests if m == "POST" and p.endswith("/model_versions")
+               and b["name"] == "vlmtune-alias-champion-2"]
+    assert len(refused) == (1 if refused_by == "client" else 2)  # the other run's, and ours if the client sent it
+    assert registry.get("chart-vlm", "champion").version == 3
+
+
+@pytest.mark.gcs
+def test_register_copies_the_model_to_the_registry_prefix(fake_server, gcs_bucket, tmp_path):
+    from components.common import storage
+
+    source = tmp_path / "dpo"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"k" * 500)
+    (source / "manifest.json").write_text('{"kind": "vlmtune.model"}')
+    storage.upload_dir(source, f"gs://{gcs_bucket}/root/dpo")
+    reg = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=gs://{gcs_bucket}/mr-artifacts",
+                        author="ci")
+    v1 = reg.register("chart-vlm", f"gs://{gcs_bucket}/root/dpo", content_hash="c" * 64, metrics={}, lineage={},
+                      card="# card")
+    assert v1.model_uri == f"gs://{gcs_bucket}/mr-artifacts/chart-vlm/{'c' * 64}/model"
+    artifact = fake_server.sent("POST", "/artifacts")[0]
+    assert artifact["uri"] == v1.model_uri
+    storage.delete(f"gs://{gcs_bucket}/root")
+    assert storage.read_bytes(f"{v1.model_uri}/adapter_model.safetensors") == b"k" * 500
+    got = reg.get("chart-vlm", "champion")
+    assert (got.model_uri, got.source_uri, got.artifact["files"]) == (v1.model_uri, f"gs://{gcs_bucket}/root/dpo", 2)
+
+
+def test_a_local_model_needs_an_artifact_root(fake_server, tmp_path):
+    reg = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="ci")
+    with pytest.raises(RegistryError, match="Set the registry's artifact_root option"):
+        reg.register("chart-vlm", str(tmp_path), content_hash="d" * 64, metrics={}, lineage={}, card="")
+    assert fake_server.sent("POST", "/model_versions") == []

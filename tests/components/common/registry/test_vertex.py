@@ -263,3 +263,92 @@ def test_racing_first_registrations_end_up_as_versions_of_one_model(registry, ve
     assert [u.model_id for u in uploads] == ["chart-vlm", "chart-vlm", ""]
     assert uploads[-1].parent_model == f"{PARENT}/models/chart-vlm"
     assert v2.version == 2 and list(vertex.models) == [f"{PARENT}/models/chart-vlm"]
+
+
+# ---- compare-and-set promotion: the model-level label under Vertex's etag ----------------------------------------
+def test_promote_moves_the_champion_only_from_the_expected_version(registry, vertex):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    stale = registry.promote("Chart-VLM", 3, expected=None)  # evaluated when there was no champion
+    assert (stale.promoted, stale.current) == (False, 1)
+    assert [u.model.labels["vlmtune_alias_champion"] for u in vertex.sent("update_model")] == ["1"]  # nothing sent
+    assert registry.promote("Chart-VLM", 2, expected=1).promoted
+    update = vertex.sent("update_model")[-1]
+    assert (update.model.labels["vlmtune_alias_champion"], update.model.etag, list(update.update_mask.paths)) == (
+        "2", "1", ["labels"])
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/chart-vlm@2", ["champion", "default"])
+    assert registry.get("Chart-VLM", "champion").version == 2 and registry.get("Chart-VLM", 1).aliases == []
+
+
+def test_of_two_racing_promotions_the_stale_etag_loses_and_says_who_won(registry, vertex, monkeypatch):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    other = open_registry("vertex://projects/p1/locations/europe-west4?artifact_root=none",
+                          credentials=AnonymousCredentials())
+    real_update = vertex.update_model
+    raced = []
+
+    def another_run_lands_first(request=None, **kwargs):
+        if not raced:  # between our read (etag 1) and our write, another run promotes version 3
+            raced.append(None)
+            raced[0] = other.promote("Chart-VLM", 3, expected=1)
+        return real_update(request, **kwargs)
+
+    monkeypatch.setattr(vertex, "update_model", another_run_lands_first)
+    ours = registry.promote("Chart-VLM", 2, expected=1)
+    assert raced[0].promoted and (ours.promoted, ours.expected, ours.current) == (False, 1, 3)
+    etags = [u.model.etag for u in vertex.sent("update_model")]
+    assert etags == ["0", "1", "1"]  # the first registration, the other run's write, our refused write
+    assert registry.get("Chart-VLM", "champion").version == 3
+
+
+def test_the_label_decides_when_a_crash_left_the_vertex_alias_behind(registry, vertex, monkeypatch):
+    register(registry, 1)
+    register(registry, 2, make_champion=False)
+    real_merge = vertex.merge_version_aliases
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(vertex, "merge_version_aliases", crash)
+    with pytest.raises(RuntimeError):
+        registry.promote("Chart-VLM", 2, expected=1)
+    monkeypatch.setattr(vertex, "merge_version_aliases", real_merge)
+    assert registry.get("Chart-VLM", "champion").version == 2  # the label moved: version 2 holds the alias
+    assert registry.promote("Chart-VLM", 2, expected=2).promoted  # ...and the next move repairs Vertex's alias
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/chart-vlm@2", ["champion", "default"])
+    assert "champion" in vertex._resolve(f"{PARENT}/models/chart-vlm@2").version_aliases
+
+
+# ---- the registry-owned copy (fake-gcs-server) ---------------------------------------------------------------------
+@pytest.mark.gcs
+def test_register_copies_the_model_to_the_registry_prefix_and_uploads_the_copy(vertex, gcs_bucket, tmp_path):
+    from components.common import storage
+
+    source = tmp_path / "dpo"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"w" * 1000)
+    (source / "manifest.json").write_text('{"kind": "vlmtune.model"}')
+    storage.upload_dir(source, f"gs://{gcs_bucket}/root/run-1/dpo")
+    reg = open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials())
+    v1 = reg.register("Chart-VLM", f"gs://{gcs_bucket}/root/run-1/dpo", content_hash=sha(1), metrics={},
+                      lineage=LINEAGE, card="# card")
+    folder = f"gs://{gcs_bucket}/vlmtune-registry/Chart-VLM/{sha(1)}"
+    (upload,) = vertex.sent("upload_model")
+    assert upload.model.artifact_uri == v1.model_uri == f"{folder}/model"
+    assert v1.source_uri == f"gs://{gcs_bucket}/root/run-1/dpo" and v1.artifact["files"] == 2
+    assert storage.read_text(v1.card_uri) == "# card" and v1.card_uri == f"{folder}/README.md"
+    storage.delete(f"gs://{gcs_bucket}/root")  # the pipeline root is cleaned
+    assert storage.read_bytes(f"{v1.model_uri}/adapter_model.safetensors") == b"w" * 1000
+    assert storage.exists(f"{folder}/copy.json")
+    # the same content again: the same version, nothing uploaded or copied again (the source is gone)
+    again = reg.register("Chart-VLM", f"gs://{gcs_bucket}/root/run-1/dpo", content_hash=sha(1), metrics={},
+                         lineage=LINEAGE, card="# card")
+    assert again.version == 1 and len(vertex.sent("upload_model")) == 1
+
+
+def test_a_local_model_without_an_artifact_root_is_refused_before_any_upload(vertex, tmp_path):
+    reg = open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials())
+    with pytest.raises(Exception, match="Vertex AI reads models from Cloud Storage"):
+        reg.register("Chart-VLM", str(tmp_path), content_hash="e" * 64, metrics={}, lineage={}, card="")
+    assert vertex.sent("upload_model") == []
