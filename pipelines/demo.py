@@ -57,7 +57,8 @@ def summarize(outputs: dict[str, Any], params: dict[str, Any], wall_seconds: flo
     registered = None
     model_path = str(Path(outputs["model"]).absolute())
     for version in open_registry(params["registry"]).list_versions(params["registry_name"]):
-        if str(version.model_uri).rstrip("/") == model_path.rstrip("/"):
+        # the registry serves its own copy; source_uri is the folder it was registered from (issue 11)
+        if str(version.source_uri or version.model_uri).rstrip("/") == model_path.rstrip("/"):
             registered = version.version
     return {
         "base_accuracy": scores.get("base"),

@@ -81,10 +81,12 @@ def run(
     base_model = base_model or manifests[candidate]["base_model"]
     to_score: dict[str, str] = {"base": base_model, **models}
     champion = None
+    champion_registry = None  # which registry's champion was looked up (None: no registry given)
     if registry and registry_name:
-        from components.common.registry import current_champion
+        from components.common.registry import current_champion, registry_identity
 
         champion = current_champion(registry, registry_name)
+        champion_registry = {"registry": registry_identity(registry), "name": registry_name}
         if champion is not None:
             to_score["champion"] = champion.model_uri
 
@@ -159,7 +161,11 @@ def run(
         "candidate": candidate,
         "candidate_uri": models[candidate],
         "models": to_score,
-        "champion": {"version": champion.version, "model_uri": champion.model_uri} if champion else None,
+        # The champion this evaluation compared with (None: none), exactly as read once above and scored: register
+        # promotes the candidate only if that version is still the champion of that registry (compare-and-set).
+        "champion": ({"version": champion.version, "model_uri": champion.model_uri,
+                      "content_hash": champion.content_hash} if champion else None),
+        "champion_registry": champion_registry,
         "metrics": {**{f"{name}_{config.metric}": s for name, s in scores.items()}, config.metric: scores[candidate],
                     **({f"dpo_{k}": v for k, v in metrics["preference"].items() if k in ("reward_accuracy", "reward_margin")}
                        if "preference" in metrics else {})},

@@ -4,11 +4,22 @@
         --name chart-vlm [--dataset gs://b/runs/7/data] [--no-champion]
     vlmtune registry list    --registry gs://b/registry --name chart-vlm
     vlmtune registry show    --registry gs://b/registry --name chart-vlm --ref champion
-    vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion]
+    vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion] \
+        [--expect 2|none]
 
 ``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (the ``vlmtune`` CLI dispatches
-to both); both print JSON to stdout and
-return 0 on success, 1 on a problem (reported in one line on stderr), 2 when the evaluation gate refused the model.
+to both); both print JSON to stdout. Exit status:
+
+    0  done (registered, and champion when asked; or the registry command did what it was asked)
+    1  a problem, reported in one line on stderr (bad name, no such version, unreachable registry...)
+    2  the evaluation gate refused the model: nothing was registered
+    4  registered, but not made champion: the champion is no longer the one the evaluation compared with
+       (or, for ``promote``, the alias no longer points where it did / where --expect says). stderr names
+       the champion now in place and the one expected; stdout still has the JSON result
+
+Promotion is compare-and-set in both commands: ``promote`` moves the alias only if it still points at the
+version it pointed at when the command read it (or at ``--expect``), so two people promoting at once cannot
+both succeed silently.
 Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
 ``registry_main``).
 """
@@ -48,6 +59,9 @@ def _add_registry_commands(p: argparse.ArgumentParser) -> None:
         if command == "promote":
             s.add_argument("--version", type=int, required=True, help="version number to promote")
             s.add_argument("--alias", default=CHAMPION, help="alias to move (default: champion)")
+            s.add_argument("--expect", default=None, metavar="VERSION|none",
+                           help="move the alias only if it points at this version now ('none': at no version); "
+                                "default: where it pointed when the command started")
 
 
 def make_registry_parser() -> argparse.ArgumentParser:
@@ -72,7 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmtune register: {e}", file=sys.stderr)
         return 1
     _print(result)
+    if result["reason"]:
+        print(f"vlmtune register: {result['reason']}", file=sys.stderr)
+        return core.EXIT_NOT_PROMOTED
     return 0
+
+
+def _expected(text: str | None) -> int | None:
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        return int(str(text).strip().lstrip("v"))
+    except ValueError:
+        raise RegistryError(f"--expect {text!r} is not a version number or 'none'") from None
 
 
 def registry_main(argv: list[str] | None = None) -> int:
@@ -90,8 +116,23 @@ def run_registry_command(args: argparse.Namespace) -> int:
                 raise RegistryError(f"{args.registry} has no version {args.ref!r} of {args.name!r}")
             _print(version.to_dict())
         else:
-            reg.set_alias(args.name, args.alias, args.version)
+            if args.expect is not None:
+                expected = _expected(args.expect)
+            else:
+                holder = reg.get(args.name, args.alias)
+                expected = holder.version if holder else None
+            promotion = reg.promote(args.name, args.version, expected=expected, alias=args.alias)
             _print(reg.get(args.name, args.version).to_dict())
+            if not promotion.promoted:
+                def shown(v):
+                    return "no version" if v is None else f"version {v}"
+                print(f"vlmtune registry: did not point {args.alias!r} of {args.name!r} at version {args.version}: it "
+                      f"was expected to point at {shown(promotion.expected)}, but points at "
+                      f"{shown(promotion.current)} now (someone moved it meanwhile). Check with `vlmtune registry "
+                      f"show --registry {args.registry} --name {args.name} --ref {args.alias}` and promote again "
+                      f"(--expect {promotion.current if promotion.current is not None else 'none'}) if you still "
+                      f"want to.", file=sys.stderr)
+                return core.EXIT_NOT_PROMOTED
     except RegistryError as e:
         print(f"vlmtune registry: {e}", file=sys.stderr)
         return 1

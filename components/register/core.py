@@ -6,8 +6,17 @@
 
 Reads the model artifact's manifest (``vlmtune.model``) and the evaluation's (``vlmtune.evaluation``), refuses a
 failed evaluation, builds the lineage (base model, dataset content hash, config fingerprint, evaluation), writes a
-model card and registers. Registering the same artifact again (same content hash) is a no-op that returns the
-existing version, so a retried or re-scheduled pipeline never piles up duplicate versions.
+model card and registers: the registry copies the model into its own storage, so the version outlives the
+pipeline root it came from. Registering the same artifact again (same content hash) returns the existing
+version (copied once), so a retried or re-scheduled pipeline never piles up duplicate versions.
+
+Promotion is compare-and-set. The evaluation records the champion it compared the candidate with (a version,
+or none); the candidate becomes champion only if that is still the champion when it is registered, checked
+and moved atomically by the registry (:meth:`Registry.promote`). Otherwise the version is registered without
+the alias and the result says why (``reason``; the CLI exits with :data:`EXIT_NOT_PROMOTED`): a model
+evaluated against an empty registry, or against a champion that has since been replaced, never dethrones a
+champion it was not compared with. Of several registrations racing from the same champion exactly one
+reports ``"champion": true``.
 """
 from __future__ import annotations
 
@@ -17,8 +26,11 @@ from typing import Any
 
 from components.common import artifacts, storage
 from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
-from components.common.registry import CHAMPION, ModelVersion, RegistryError, open_registry
+from components.common.registry import CHAMPION, ModelVersion, Promotion, RegistryError, open_registry, registry_identity
 from components.register import model_card
+
+#: The CLI's exit status when the version was registered but not made champion (the champion changed).
+EXIT_NOT_PROMOTED = 4
 
 
 class EvaluationFailedError(RegistryError):
@@ -78,9 +90,14 @@ def run(
     dataset_uri: str | None = None,
     make_champion: bool = True,
 ) -> dict:
-    """Register ``model_uri`` as a new version of ``name`` in ``registry`` if its evaluation passed.
+    """Register ``model_uri`` as a new version of ``name`` in ``registry`` if its evaluation passed, and make it
+    champion if the champion the evaluation compared with still is (``make_champion``).
 
-    Returns ``{"name", "version", "model_uri", "champion", "already_registered"}``.
+    Returns ``{"name", "version", "model_uri", "source_uri", "champion", "already_registered",
+    "champion_version", "evaluated_against", "reason"}``: ``model_uri`` is the registry's copy, ``champion``
+    whether this version holds the champion alias now, ``champion_version`` the version that does,
+    ``evaluated_against`` the champion the evaluation compared with (None: none) and ``reason`` why it was not
+    promoted (None when it was, or when ``make_champion`` is false).
     Raises :class:`EvaluationFailedError` when the evaluation did not pass.
     """
     model_uri, evaluation_uri = _absolute(model_uri), _absolute(evaluation_uri)
@@ -109,26 +126,89 @@ def run(
     reg = open_registry(registry)
     existing = _find_existing(reg, name, content_hash)
     if existing is not None:
-        return _result(existing, already_registered=True)
+        version, already = existing, True
+    else:
+        card = model_card.render(
+            name=name,
+            model_uri=model_uri,
+            content_hash=content_hash,
+            base_model=model_manifest.get("base_model"),
+            datasets=[dataset_uri] if dataset_uri else [],
+            metrics=metrics,
+            primary_metric=evaluation.get("primary_metric"),
+            config=model_manifest.get("config") or {},
+            lineage=lineage,
+        )
+        # Registered without the alias; the promotion below is the only way the champion moves (compare-and-set).
+        # If another run registered the same artifact meanwhile, register() returns that run's version; it is
+        # reported as newly registered (both runs asked for the same outcome).
+        version = reg.register(name, model_uri, content_hash=content_hash, metrics=metrics, lineage=lineage,
+                               card=card, make_champion=False)
+        already = False
+    if not make_champion:
+        holder = reg.get(name, CHAMPION)
+        return _result(version, already, champion_version=holder.version if holder else None,
+                       evaluated_against=None, reason=None)
 
-    card = model_card.render(
-        name=name,
-        model_uri=model_uri,
-        content_hash=content_hash,
-        base_model=model_manifest.get("base_model"),
-        datasets=[dataset_uri] if dataset_uri else [],
-        metrics=metrics,
-        primary_metric=evaluation.get("primary_metric"),
-        config=model_manifest.get("config") or {},
-        lineage=lineage,
-    )
-    version = reg.register(
-        name, model_uri, content_hash=content_hash, metrics=metrics, lineage=lineage, card=card,
-        make_champion=make_champion,
-    )
-    # If another run registered the same artifact between the check above and register(), register() returns
-    # that run's version; it is reported as newly registered (both runs asked for the same outcome).
-    return _result(version, already_registered=False)
+    expected, refusal = expected_champion(evaluation, evaluation_uri, reg, registry, name)
+    if refusal is not None:
+        holder = reg.get(name, CHAMPION)
+        current = holder.version if holder else None
+        if current == version.version:
+            return _result(version, already, champion_version=current, evaluated_against=expected, reason=None)
+        return _result(version, already, champion_version=current, evaluated_against=expected,
+                       reason=_not_promoted(name, version.version, registry, refusal))
+    promotion = reg.promote(name, version.version, expected=expected)
+    reason = None if promotion.promoted else _not_promoted(
+        name, version.version, registry, _changed(reg, promotion, evaluation_uri))
+    return _result(version, already, champion_version=promotion.current, evaluated_against=expected, reason=reason)
+
+
+def expected_champion(evaluation: dict, evaluation_uri: str, reg, registry: str, name: str) -> tuple[int | None, str | None]:
+    """(the champion version the evaluation compared with, None or why that comparison says nothing here).
+
+    The comparison counts only for this registry and name, and only while that version number still holds
+    the model that was scored (same content hash)."""
+    recorded = evaluation.get("champion")
+    where = evaluation.get("champion_registry")
+    if isinstance(where, dict) and (registry_identity(str(where.get("registry", ""))) != registry_identity(registry)
+                                    or where.get("name") != name):
+        holder = reg.get(name, CHAMPION)
+        if holder is None:
+            return None, None  # nothing to dethrone here
+        return None, (f"its evaluation ({evaluation_uri}) compared it with the champion of {where.get('name')!r} in "
+                      f"{where.get('registry')!r}, not with this registry's champion (version {holder.version}, "
+                      f"{holder.model_uri})")
+    if not isinstance(recorded, dict):
+        return None, None
+    expected = int(recorded["version"])
+    scored_hash = recorded.get("content_hash")
+    if scored_hash:
+        now = reg.get(name, expected)
+        if now is None or now.content_hash != scored_hash:
+            return expected, (f"its evaluation ({evaluation_uri}) compared it with version {expected} (content hash "
+                              f"{str(scored_hash)[:12]}), but version {expected} of this registry "
+                              f"{'no longer exists' if now is None else 'holds another model (' + now.content_hash[:12] + ')'}")
+    return expected, None
+
+
+def _describe(reg, name: str, version: int | None) -> str:
+    if version is None:
+        return "no champion"
+    found = reg.get(name, version)
+    return f"version {version} ({found.model_uri})" if found else f"version {version}"
+
+
+def _changed(reg, promotion: Promotion, evaluation_uri: str) -> str:
+    return (f"its evaluation ({evaluation_uri}) compared it with {_describe(reg, promotion.name, promotion.expected)}, "
+            f"but the champion is now {_describe(reg, promotion.name, promotion.current)}")
+
+
+def _not_promoted(name: str, version: int, registry: str, why: str) -> str:
+    return (f"registered {name!r} version {version} without making it champion: {why}. To promote it, evaluate it "
+            f"against the current champion (vlmtune evaluate ... --registry {registry} --registry-name {name}) and "
+            f"register again, or promote it by hand: vlmtune registry promote --registry {registry} --name {name} "
+            f"--version {version}")
 
 
 def _location(uri: str) -> str:
@@ -158,11 +238,16 @@ def _find_existing(reg, name: str, content_hash: str) -> ModelVersion | None:
     return next((v for v in reg.list_versions(name) if v.content_hash == content_hash), None)
 
 
-def _result(version: ModelVersion, *, already_registered: bool) -> dict:
+def _result(version: ModelVersion, already_registered: bool, *, champion_version: int | None,
+            evaluated_against: int | None, reason: str | None) -> dict:
     return {
         "name": version.name,
         "version": version.version,
         "model_uri": version.model_uri,
-        "champion": CHAMPION in version.aliases,
+        "source_uri": version.source_uri,
+        "champion": champion_version == version.version,
         "already_registered": already_registered,
+        "champion_version": champion_version,
+        "evaluated_against": evaluated_against,
+        "reason": reason,
     }

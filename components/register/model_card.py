@@ -58,7 +58,8 @@ Primary metric: `{primary_metric or 'n/a'}`
 {rows}
 
 ## Lineage
-- model artifact: `{model_uri}` (content hash `{content_hash}`)
+- model artifact: registered from `{model_uri}` (content hash `{content_hash}`); the registry serves its own
+  copy (the version's `model_uri`), so this folder may be cleaned up
 - datasets: {", ".join(f"`{d}`" for d in datasets or []) or "n/a"}
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=False) + "---\n\n" + body

@@ -105,7 +105,8 @@ def check_outputs(uris: dict[str, str]) -> dict:
     # The registry on gs:// has version 1 as champion, pointing at the gs:// model, with the dataset's fingerprint.
     champion = open_registry(uris["registry"]).get("tiny", "champion")
     assert champion is not None and champion.version == 1
-    assert champion.model_uri == uris["sft"]
+    assert champion.source_uri == uris["sft"]  # registered from the run's model...
+    assert champion.model_uri == f"{uris['registry']}/tiny/versions/000001/model"  # ...served from the registry's copy
     assert champion.lineage["dataset_hash"] == data_manifest["content_hash"]
     # ...so a scheduled run on the very same data would skip training.
     assert should_train(data_manifest, champion.lineage)[0] is False

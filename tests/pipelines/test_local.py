@@ -44,7 +44,9 @@ def test_pipeline_gate_true_registers_then_gate_false_registers_nothing(pipeline
     registry = open_registry(params["registry"])
     versions = registry.list_versions("tiny-shapes")
     assert [v.version for v in versions] == [1]
-    assert versions[0].model_uri.rstrip("/") == str(outputs["model"]).rstrip("/")
+    # registered from the run's model, served from the registry's own copy (issue 11)
+    assert versions[0].source_uri.rstrip("/") == str(outputs["model"]).rstrip("/")
+    assert versions[0].model_uri == f"{params['registry']}/tiny-shapes/versions/000001/model"
     assert registry.get("tiny-shapes", "champion").version == 1
     for name in ("report.html", "report.md", "metrics.json", "predictions.jsonl", "scores.png"):
         assert (outputs["evaluation"] and __import__("pathlib").Path(outputs["evaluation"], name).exists()), name

@@ -218,6 +218,8 @@ def test_champion_lineage_from_a_local_registry(tmp_path):
     registry = str(tmp_path / "registry")
     assert champion_lineage(registry, "tiny") is None
     reg = open_registry(registry)
+    (tmp_path / "model").mkdir()  # the registry copies what it registers
+    (tmp_path / "model" / "adapter_model.safetensors").write_bytes(b"w")
     version = reg.register("tiny", str(tmp_path / "model"), content_hash="m1", metrics={"exact_match": 1.0},
                            lineage={"dataset_hash": "abc123"}, card="# tiny")
     reg.set_alias("tiny", "champion", version.version)

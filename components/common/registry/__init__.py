@@ -2,8 +2,9 @@
 
     from components.common.registry import open_registry, resolve_reference, current_champion, CHAMPION
 
-- ``types``: ``ModelVersion``, the ``Registry`` protocol, ``RegistryError``, name/alias checks and the
-  ``[REGISTRY::]NAME@REF`` reference grammar;
+- ``types``: ``ModelVersion``, ``Promotion`` (what a compare-and-set promotion did), the ``Registry`` protocol,
+  ``RegistryError``, name/alias checks, the ``[REGISTRY::]NAME@REF`` reference grammar and the copy of a model
+  into the registry's own storage (``copy_artifact``);
 - ``factory``: ``open_registry(target)``, ``resolve_reference(ref)``, ``current_champion(registry, name)``;
 - ``local`` (folder or ``gs://`` prefix), ``vertex`` (Vertex AI Model Registry), ``kubeflow`` (Kubeflow Model
   Registry): the backends, imported by the factory only when a target names them, so the local backend never
@@ -21,12 +22,14 @@ from components.common.registry.types import (
     REFERENCE_RE,
     REGISTRY_ENV,
     ModelVersion,
+    Promotion,
     Registry,
     RegistryError,
     check_alias,
     check_name,
     parse_ref,
     parse_reference,
+    registry_identity,
 )
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "REFERENCE_RE",
     "REGISTRY_ENV",
     "ModelVersion",
+    "Promotion",
     "Registry",
     "RegistryError",
     "check_alias",
@@ -45,5 +49,6 @@ __all__ = [
     "open_registry",
     "parse_ref",
     "parse_reference",
+    "registry_identity",
     "resolve_reference",
 ]

@@ -3,22 +3,29 @@
 Layout::
 
     <root>/<name>/versions/000001/.claim         create-only marker: version number 1 is taken
+    <root>/<name>/versions/000001/model/         the registry's copy of the model (manifest.json copied last)
     <root>/<name>/versions/000001/README.md      model card
     <root>/<name>/versions/000001/version.json   the version record, written last (a version exists once this does)
     <root>/<name>/by_hash/<content_hash>.json    {"version": N}: which version holds an artifact (create-only)
-    <root>/<name>/aliases/champion.json          {"version": N}; any alias likewise
+    <root>/<name>/aliases/champion/000001.json   {"version": N, "previous": M}: the alias's moves, one create-only
+                                                 entry each; the highest-numbered entry is where the alias points
 
 Why this order:
 - Numbers are claimed with ``storage.write_if_absent`` (GCS ``if_generation_match=0``; ``O_EXCL``-style link
   locally), so two runs racing for N cannot both win: the loser tries N+1. A crashed run leaves a claimed
-  number without a record: a gap, never a reused number.
+  number without a record: a gap, never a reused number (its partial copy stays in the gap's folder).
+- The model is copied before the record, so a version never exists without its copy: deleting the folder a
+  pipeline wrote does not lose a registered model. ``model_uri`` is the copy, ``source_uri`` the original.
 - ``version.json`` is written after the card, so a reader never sees a version without its card.
 - ``by_hash`` is claimed create-only after the record: if two runs registered the same artifact at the same
-  moment, the one that loses the claim retracts its record and returns the winner's version, so one artifact
-  ends up with one version. A run that crashed before claiming it is repaired by the next registration, which
-  finds the record by scanning.
-- The champion alias moves last, only after all of the above succeeded. With two runs promoting at once the
-  last writer wins (each passed its gate against the champion it saw).
+  moment, the one that loses the claim retracts its record and copy and returns the winner's version, so one
+  artifact ends up with one version. A run that crashed before claiming it is repaired by the next
+  registration, which finds the record by scanning.
+- An alias moves by creating entry K+1 of its log create-only, after reading entry K: of several runs that
+  read the same K exactly one creates K+1. :meth:`LocalRegistry.promote` creates it only if entry K names the
+  version the caller expected (compare-and-set); a run that loses re-reads and reports who holds the alias.
+  No lock is ever held, so a killed run leaves nothing to clean: its move happened (the entry exists) or not.
+  Registries written before the log keep ``aliases/<alias>.json``; it counts until the first logged move.
 """
 from __future__ import annotations
 
@@ -33,15 +40,19 @@ from components.common.registry.types import (
     CHAMPION,
     LATEST,
     ModelVersion,
+    Promotion,
     RegistryError,
     check_alias,
+    check_content_hash,
     check_name,
+    copy_artifact,
     parse_ref,
 )
 
 VERSION_FILE = "version.json"
 CLAIM_FILE = ".claim"
 CARD_FILE = "README.md"
+MODEL_FOLDER = "model"
 
 
 def _now() -> str:
@@ -50,6 +61,10 @@ def _now() -> str:
 
 def _dumps(data: dict) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8")
+
+
+def _writer() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 class LocalRegistry:
@@ -67,13 +82,14 @@ class LocalRegistry:
     def _version_uri(self, name: str, version: int) -> str:
         return storage.join(self._model_uri(name), "versions", f"{int(version):06d}")
 
-    def _alias_uri(self, name: str, alias: str) -> str:
+    def _alias_log_uri(self, name: str, alias: str) -> str:
+        return storage.join(self._model_uri(name), "aliases", alias)
+
+    def _legacy_alias_uri(self, name: str, alias: str) -> str:
         return storage.join(self._model_uri(name), "aliases", f"{alias}.json")
 
     def _hash_uri(self, name: str, content_hash: str) -> str:
-        if not content_hash or not all(c.isalnum() or c in "-_" for c in content_hash):
-            raise RegistryError(f"content_hash {content_hash!r} is not valid: expected a hex digest")
-        return storage.join(self._model_uri(name), "by_hash", f"{content_hash}.json")
+        return storage.join(self._model_uri(name), "by_hash", f"{check_content_hash(content_hash)}.json")
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def _numbers(self, name: str) -> tuple[set[int], set[int]]:
@@ -90,18 +106,54 @@ class LocalRegistry:
                 committed.add(int(folder))
         return claimed, committed
 
-    def _aliases(self, name: str) -> dict[int, list[str]]:
+    def _alias_heads(self, name: str) -> dict[str, tuple[int, int | None]]:
+        """alias -> (number of its newest log entry, version it points at); legacy files count as entry 0."""
         prefix = storage.join(self._model_uri(name), "aliases")
-        by_version: dict[int, list[str]] = {}
+        newest: dict[str, int] = {}
+        legacy: dict[str, str] = {}
         for uri in storage.list_files(prefix):
-            filename = uri.replace("\\", "/").rsplit("/", 1)[-1]
-            if not filename.endswith(".json") or filename.startswith("."):
-                continue
-            try:
-                version = int(json.loads(storage.read_text(uri))["version"])
-            except FileNotFoundError:
-                continue
-            by_version.setdefault(version, []).append(filename[: -len(".json")])
+            rel = uri[len(prefix):].replace("\\", "/").lstrip("/")
+            folder, _, filename = rel.partition("/")
+            if not filename and folder.endswith(".json") and not folder.startswith("."):
+                legacy[folder[: -len(".json")]] = uri
+            elif filename.endswith(".json") and filename[: -len(".json")].isdigit() and "/" not in filename:
+                newest[folder] = max(newest.get(folder, 0), int(filename[: -len(".json")]))
+        heads: dict[str, tuple[int, int | None]] = {}
+        for alias, seq in newest.items():
+            heads[alias] = (seq, self._read_entry(self._entry_uri(name, alias, seq)))
+        for alias, uri in legacy.items():
+            if alias not in heads:
+                try:
+                    heads[alias] = (0, self._read_entry(uri))
+                except FileNotFoundError:
+                    continue
+        return heads
+
+    def _entry_uri(self, name: str, alias: str, seq: int) -> str:
+        return storage.join(self._alias_log_uri(name, alias), f"{int(seq):06d}.json")
+
+    @staticmethod
+    def _read_entry(uri: str) -> int | None:
+        version = json.loads(storage.read_text(uri)).get("version")
+        return None if version is None else int(version)
+
+    def _alias_head(self, name: str, alias: str) -> tuple[int, int | None]:
+        """(number of the alias's newest log entry, the version it points at); (0, None) for an unset alias."""
+        entries = [uri.replace("\\", "/").rsplit("/", 1)[-1] for uri in storage.list_files(self._alias_log_uri(name, alias))]
+        numbers = [int(f[: -len(".json")]) for f in entries if f.endswith(".json") and f[: -len(".json")].isdigit()]
+        if numbers:
+            seq = max(numbers)
+            return seq, self._read_entry(self._entry_uri(name, alias, seq))
+        try:
+            return 0, self._read_entry(self._legacy_alias_uri(name, alias))
+        except FileNotFoundError:
+            return 0, None
+
+    def _aliases(self, name: str) -> dict[int, list[str]]:
+        by_version: dict[int, list[str]] = {}
+        for alias, (_, version) in self._alias_heads(name).items():
+            if version is not None:
+                by_version.setdefault(version, []).append(alias)
         return {v: sorted(a) for v, a in by_version.items()}
 
     def _read_version(self, name: str, version: int, aliases: dict[int, list[str]] | None = None) -> ModelVersion | None:
@@ -126,11 +178,8 @@ class LocalRegistry:
         if ref == LATEST:
             _, committed = self._numbers(name)
             return self._read_version(name, max(committed)) if committed else None
-        try:
-            target = json.loads(storage.read_text(self._alias_uri(name, check_alias(ref))))
-        except FileNotFoundError:
-            return None
-        return self._read_version(name, int(target["version"]))
+        _, version = self._alias_head(name, check_alias(ref))
+        return None if version is None else self._read_version(name, version)
 
     def find_by_hash(self, name: str, content_hash: str) -> ModelVersion | None:
         try:
@@ -147,21 +196,43 @@ class LocalRegistry:
                 return mv
         return None
 
-    # ---- writing -----------------------------------------------------------------------------------------------
-    def set_alias(self, name: str, alias: str, version: int) -> None:
+    # ---- aliases -----------------------------------------------------------------------------------------------
+    def _check_version(self, name: str, alias: str, version: int) -> None:
         check_alias(alias)
         if self._read_version(name, int(version)) is None:
             raise RegistryError(
                 f"cannot point alias {alias!r} at version {version} of {name!r} in {self.root}: no such version. "
                 f"Existing versions: {[v.version for v in self.list_versions(name)] or 'none'}."
             )
-        storage.write_bytes(self._alias_uri(name, alias), _dumps({"version": int(version), "updated_at": _now()}))
 
+    def _move(self, name: str, alias: str, version: int, expected: int | None, *, conditional: bool) -> Promotion:
+        """Create the alias's next log entry, if the current one names ``expected`` (or unconditionally)."""
+        for _ in range(self.max_claim_attempts):
+            seq, current = self._alias_head(name, alias)
+            if current == int(version) or (conditional and current != expected):
+                return Promotion(name, alias, int(version), expected, current)
+            entry = {"version": int(version), "previous": current, "updated_at": _now(), "by": _writer()}
+            if storage.write_if_absent(self._entry_uri(name, alias, seq + 1), _dumps(entry)):
+                return Promotion(name, alias, int(version), expected, int(version))
+            # Another run moved the alias between our read and our write: read again and decide again.
+        raise RegistryError(
+            f"could not move alias {alias!r} of {name!r} in {self.root} after {self.max_claim_attempts} tries: "
+            f"something moves it in a loop."
+        )
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._check_version(name, alias, version)
+        self._move(name, alias, version, None, conditional=False)
+
+    def promote(self, name: str, version: int, *, expected: int | None, alias: str = CHAMPION) -> Promotion:
+        self._check_version(name, alias, version)
+        return self._move(name, alias, version, None if expected is None else int(expected), conditional=True)
+
+    # ---- registering -------------------------------------------------------------------------------------------
     def _claim_number(self, name: str, content_hash: str) -> int:
         claimed, _ = self._numbers(name)
         number = max(claimed, default=0) + 1
-        owner = {"content_hash": content_hash, "claimed_at": _now(),
-                 "by": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"}
+        owner = {"content_hash": content_hash, "claimed_at": _now(), "by": _writer()}
         for _ in range(self.max_claim_attempts):
             if storage.write_if_absent(storage.join(self._version_uri(name, number), CLAIM_FILE), _dumps(owner)):
                 return number
@@ -183,17 +254,21 @@ class LocalRegistry:
         make_champion: bool = True,
     ) -> ModelVersion:
         check_name(name)
+        check_content_hash(content_hash)
         existing = self.find_by_hash(name, content_hash)
         if existing is not None:
             return existing
 
         number = self._claim_number(name, content_hash)
         folder = self._version_uri(name, number)
+        copy_uri = storage.join(folder, MODEL_FOLDER)
+        artifact = copy_artifact(model_uri, copy_uri)
         card_uri = storage.join(folder, CARD_FILE)
         storage.write_text(card_uri, card)
         record = ModelVersion(
-            name=name, version=number, model_uri=model_uri, content_hash=content_hash, metrics=dict(metrics),
-            lineage=dict(lineage), aliases=[], card_uri=card_uri, created_at=_now(),
+            name=name, version=number, model_uri=copy_uri, content_hash=content_hash, metrics=dict(metrics),
+            lineage=dict(lineage), aliases=[], card_uri=card_uri, created_at=_now(), source_uri=str(model_uri),
+            artifact=artifact,
         )
         record_dict = record.to_dict()
         record_dict.pop("aliases")  # aliases live in aliases/, so moving one never rewrites a record
@@ -207,6 +282,7 @@ class LocalRegistry:
                 # Lost a race with a registration of the same artifact: retract ours (the number stays a gap).
                 storage.delete(storage.join(folder, VERSION_FILE))
                 storage.delete(card_uri)
+                storage.delete(copy_uri)
                 return winner
             # The index names a version whose record was deleted by hand: ours replaces it.
             storage.write_bytes(hash_uri, _dumps({"version": number}))

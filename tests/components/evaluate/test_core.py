@@ -66,6 +66,29 @@ def test_evaluate_scores_held_out_rows_only_and_reports(tmp_path, prepared_sft, 
         assert "&lt;undecodable bytes&gt;" in page
 
 
+def test_evaluate_records_exactly_the_champion_it_compared_with(tmp_path, prepared_sft, sft_model_dir):
+    """register promotes only if this champion still is one (compare-and-set), so the record must name the very
+    version scored, and say so also when there was none."""
+    from components.common.config import build_config
+    from components.common.registry import open_registry, registry_identity
+    from components.evaluate.core import run
+
+    config = build_config(EvaluateConfig, {"max_rows": 2, "batch_size": 2, "max_new_tokens": 2, "cpu_threads": 1,
+                                           "min_delta": -1.0})
+    registry = str(tmp_path / "registry")
+    empty = run(config, str(prepared_sft), {"sft": str(sft_model_dir)}, str(tmp_path / "e0"), registry=registry,
+                registry_name="shapes")
+    assert empty["champion"] is None
+    assert empty["champion_registry"] == {"registry": registry_identity(registry), "name": "shapes"}
+    reg = open_registry(registry)
+    v1 = reg.register("shapes", str(sft_model_dir), content_hash="a" * 64, metrics={}, lineage={}, card="c")
+    manifest = run(config, str(prepared_sft), {"sft": str(sft_model_dir)}, str(tmp_path / "e1"), registry=registry,
+                   registry_name="shapes")
+    assert manifest["champion"] == {"version": 1, "model_uri": v1.model_uri, "content_hash": "a" * 64}
+    assert manifest["models"]["champion"] == v1.model_uri  # the version recorded is the one scored
+    assert run(config, str(prepared_sft), {"sft": str(sft_model_dir)}, str(tmp_path / "e2"))["champion_registry"] is None
+
+
 def test_completion_logprobs_count_only_answer_tokens(tiny_model_dir):
     import torch
     from PIL import Image

@@ -332,9 +332,38 @@ def test_predict_from_registry_reference(capsys, tmp_path, sft, sft_model_dir, d
         assert rc == 0, err
         assert out.strip() == expected
     monkeypatch.setenv("VLMTUNE_REGISTRY", str(registry))
-    assert Predictor.from_ref("shapes@latest").model_uri == str(sft_model_dir)
+    # the registry's own copy (changed on purpose: references used to resolve to the registered folder itself)
+    assert Predictor.from_ref("shapes@latest").model_uri == version.model_uri == str(
+        registry / "shapes" / "versions" / "000001" / "model")
     rc, _, err = run_cli(capsys, "--model", "shapes@7", "--image", image)
     assert rc == 2 and "no version 7 of model 'shapes'" in err
+
+
+def test_the_champion_outlives_its_pipeline_root(capsys, tmp_path, sft, sft_model_dir, demo_rows):
+    """Register through the register step, delete the pipeline root the model was trained into, and predict
+    from ``REGISTRY::NAME@champion``: the registry's copy answers exactly as the trained model did."""
+    import shutil
+
+    from components.common import artifacts
+    from components.register import core
+
+    root = tmp_path / "pipeline-root"
+    shutil.copytree(sft_model_dir, root / "run-1" / "sft")
+    (root / "run-1" / "eval").mkdir()
+    artifacts.write_manifest(str(root / "run-1" / "eval"), {"kind": "vlmtune.evaluation", "passed": True,
+                                                            "primary_metric": "exact_match", "metrics": {},
+                                                            "champion": None, "champion_registry": None})
+    registry = tmp_path / "registry"
+    result = core.run(str(root / "run-1" / "sft"), str(root / "run-1" / "eval"), str(registry), "shapes")
+    assert result["champion"] and result["source_uri"] == str(root / "run-1" / "sft")
+    shutil.rmtree(root)
+
+    _, question, image = demo_rows[5]
+    rc, out, err = run_cli(capsys, "--model", f"{registry}::shapes@champion", "--image", image, "--question", question,
+                           *GEN_ARGS)
+    assert rc == 0, err
+    assert out.strip() == direct(sft, question, [image])
+    assert not root.exists() and Path(result["model_uri"]).is_relative_to(registry)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -144,7 +144,9 @@ def _one_tls_context(monkeypatch):
 
 @pytest.fixture
 def registry(fake_server):
-    return open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="ci")
+    # artifact_root=none: these tests are about the requests; the copy into the registry's prefix is tested on the
+    # GCS emulator below.
+    return open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="ci")
 
 
 def register(reg, n: int, *, content_hash=None, make_champion=True):
@@ -158,15 +160,20 @@ def test_register_sends_model_version_artifact_and_champion_alias(registry, fake
     v1 = register(registry, 1)
     (rm_body,) = fake_server.sent("POST", "/registered_models")
     assert rm_body["name"] == "chart-vlm" and rm_body["owner"] == "ci"
-    (mv_body,) = fake_server.sent("POST", "/model_versions")
+    # the version, then the champion's first move: a create-only version named after the alias and the move number
+    mv_body, move_body = fake_server.sent("POST", "/model_versions")
     assert mv_body["name"] == "1" and mv_body["registeredModelId"] == "1" and mv_body["author"] == "ci"
+    assert move_body["name"] == "vlmtune-alias-champion-1" and move_body["registeredModelId"] == "1"
+    assert move_body["customProperties"]["vlmtune_alias_version"]["string_value"] == "1"
+    assert move_body["customProperties"]["vlmtune_alias_previous"]["string_value"] == ""
     props = mv_body["customProperties"]
     assert props["vlmtune_content_hash"] == {"metadataType": "MetadataStringValue", "string_value": f"{1:064x}"}
     assert props["metric_vqa"]["double_value"] == 0.1
     assert props["metric_per_category.count"]["double_value"] == 0.5
     record = json.loads(props["vlmtune_record"]["string_value"])
     assert record["lineage"]["base_model"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
-    (artifact,) = fake_server.sent("POST", "/artifacts")
+    artifact, move_artifact = fake_server.sent("POST", "/artifacts")
+    assert move_artifact["uri"] == artifact["uri"]
     assert artifact["artifactType"] == "model-artifact"
     assert artifact["uri"] == "gs://acme-ml/runs/1/dpo"
     assert artifact["modelFormatName"] == "idefics3"
@@ -197,7 +204,7 @@ def test_same_content_hash_is_idempotent(registry, fake_server):
     register(registry, 1)
     again = register(registry, 5, content_hash=f"{1:064x}")
     assert again.version == 1 and again.model_uri == "gs://acme-ml/runs/1/dpo"
-    assert len(fake_server.sent("POST", "/model_versions")) == 1
+    assert [b["name"] for b in fake_server.sent("POST", "/model_versions")] == ["1", "vlmtune-alias-champion-1"]
 
 
 def test_a_version_number_taken_meanwhile_is_skipped(registry, fake_server):
@@ -205,7 +212,86 @@ def test_a_version_number_taken_meanwhile_is_skipped(registry, fake_server):
     # another writer takes "2" between our listing and our create: the server refuses, we retry with 3
     real = registry._raw_versions
     registry._raw_versions = lambda name: [v for v in real(name) if v.name != "2"]
-    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="other")
+    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="other")
     register(other, 2)
     v = register(registry, 3)
     assert v.version == 3
+
+
+# ---- compare-and-set promotion: create-only move versions --------------------------------------------------------
+def test_promote_moves_the_champion_only_from_the_expected_version(registry, fake_server):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    stale = registry.promote("chart-vlm", 3, expected=None)
+    assert (stale.promoted, stale.current) == (False, 1)
+    assert registry.promote("chart-vlm", 2, expected=1).promoted
+    moves = [b for b in fake_server.sent("POST", "/model_versions") if b["name"].startswith("vlmtune-alias-")]
+    assert [(b["name"], b["customProperties"]["vlmtune_alias_version"]["string_value"],
+             b["customProperties"]["vlmtune_alias_previous"]["string_value"]) for b in moves] == [
+        ("vlmtune-alias-champion-1", "1", ""), ("vlmtune-alias-champion-2", "2", "1")]
+    assert registry.get("chart-vlm", "champion").version == 2
+    # the move versions are bookkeeping, not vlmtune versions
+    assert [v.version for v in registry.list_versions("chart-vlm")] == [1, 2, 3]
+    assert registry.get("chart-vlm", "latest").version == 3
+
+
+@pytest.mark.parametrize("refused_by", ["client", "server"])
+def test_of_two_racing_promotions_the_second_move_is_refused(registry, fake_server, monkeypatch, refused_by):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    if refused_by == "server":  # the client's own existence check misses it (a race): the server's 409 decides
+        real_lookup = registry.client._api.get_model_version_by_params
+
+        async def moves_never_found(rm_id, name, *args, **kwargs):
+            if str(name).startswith("vlmtune-alias-"):
+                return None
+            return await real_lookup(rm_id, name, *args, **kwargs)
+
+        monkeypatch.setattr(registry.client._api, "get_model_version_by_params", moves_never_found)
+    other = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=none", author="other")
+    real_heads = registry._alias_heads
+    raced = []
+
+    def another_run_lands_first(name, rm=None, raw=None):
+        heads = real_heads(name, rm, raw)  # we read move 1 (champion = 1)...
+        if not raced:
+            raced.append(None)
+            raced[0] = other.promote("chart-vlm", 3, expected=1)  # ...and another run makes move 2 first
+        return heads
+
+    monkeypatch.setattr(registry, "_alias_heads", another_run_lands_first)
+    ours = registry.promote("chart-vlm", 2, expected=1)
+    assert raced[0].promoted and (ours.promoted, ours.current) == (False, 3)
+    refused = [b for m, p, _, b in fake_server.requests if m == "POST" and p.endswith("/model_versions")
+               and b["name"] == "vlmtune-alias-champion-2"]
+    assert len(refused) == (1 if refused_by == "client" else 2)  # the other run's, and ours if the client sent it
+    assert registry.get("chart-vlm", "champion").version == 3
+
+
+@pytest.mark.gcs
+def test_register_copies_the_model_to_the_registry_prefix(fake_server, gcs_bucket, tmp_path):
+    from components.common import storage
+
+    source = tmp_path / "dpo"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"k" * 500)
+    (source / "manifest.json").write_text('{"kind": "vlmtune.model"}')
+    storage.upload_dir(source, f"gs://{gcs_bucket}/root/dpo")
+    reg = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}?artifact_root=gs://{gcs_bucket}/mr-artifacts",
+                        author="ci")
+    v1 = reg.register("chart-vlm", f"gs://{gcs_bucket}/root/dpo", content_hash="c" * 64, metrics={}, lineage={},
+                      card="# card")
+    assert v1.model_uri == f"gs://{gcs_bucket}/mr-artifacts/chart-vlm/{'c' * 64}/model"
+    artifact = fake_server.sent("POST", "/artifacts")[0]
+    assert artifact["uri"] == v1.model_uri
+    storage.delete(f"gs://{gcs_bucket}/root")
+    assert storage.read_bytes(f"{v1.model_uri}/adapter_model.safetensors") == b"k" * 500
+    got = reg.get("chart-vlm", "champion")
+    assert (got.model_uri, got.source_uri, got.artifact["files"]) == (v1.model_uri, f"gs://{gcs_bucket}/root/dpo", 2)
+
+
+def test_a_local_model_needs_an_artifact_root(fake_server, tmp_path):
+    reg = open_registry(f"kubeflow://127.0.0.1:{fake_server.port}", author="ci")
+    with pytest.raises(RegistryError, match="Set the registry's artifact_root option"):
+        reg.register("chart-vlm", str(tmp_path), content_hash="d" * 64, metrics={}, lineage={}, card="")
+    assert fake_server.sent("POST", "/model_versions") == []

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform")
 
-from google.api_core.exceptions import AlreadyExists, NotFound  # noqa: E402
+from google.api_core.exceptions import Aborted, AlreadyExists, NotFound  # noqa: E402
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient  # noqa: E402
 from google.cloud.aiplatform_v1.types import model as gca_model  # noqa: E402
@@ -24,10 +24,14 @@ PARENT = "projects/p1/locations/europe-west4"
 
 class FakeModelService:
     """Vertex Model Registry semantics that matter here: server-side version ids, unique aliases (assigning
-    one moves it), exactly one ``default`` version, label / display-name filters."""
+    one moves it), exactly one ``default`` version, label / display-name filters, and model-level labels
+    updated by ``UpdateModel`` under an ``etag`` (a stale etag is refused with ABORTED, as the API documents
+    for read-modify-write updates; a model-level read merges model and version labels)."""
 
     def __init__(self):
         self.models: dict[str, list[gca_model.Model]] = {}
+        self.model_labels: dict[str, dict[str, str]] = {}
+        self.etags: dict[str, int] = {}
         self.requests: list[tuple[str, object]] = []
 
     # -- helpers
@@ -82,15 +86,35 @@ class FakeModelService:
         return types.SimpleNamespace(result=lambda timeout=None: response,
                                      operation=types.SimpleNamespace(name=f"{base}/operations/{len(self.requests)}"))
 
+    def _model_level(self, base: str) -> gca_model.Model:
+        """A model-level read: the default version with the model labels merged in, and the model's etag."""
+        merged = gca_model.Model(self._resolve(base))
+        merged.labels.update(self.model_labels.get(base, {}))
+        merged.etag = str(self.etags.get(base, 0))
+        return merged
+
     def get_model(self, request=None, *, name=None, **kwargs):
         name = name or gca_ms.GetModelRequest(request).name
         self.requests.append(("get_model", name))
-        return self._resolve(name)
+        return self._model_level(name) if "@" not in name else self._resolve(name)
+
+    def update_model(self, request=None, *, model=None, update_mask=None, **kwargs):
+        request = gca_ms.UpdateModelRequest(request) if request is not None else gca_ms.UpdateModelRequest(
+            model=model, update_mask=update_mask)
+        self.requests.append(("update_model", request))
+        base = request.model.name
+        assert "@" not in base and list(request.update_mask.paths) == ["labels"], request
+        self._resolve(base)
+        if request.model.etag != str(self.etags.get(base, 0)):
+            raise Aborted(f"etag {request.model.etag!r} of {base} is stale")
+        self.model_labels[base] = dict(request.model.labels)
+        self.etags[base] = self.etags.get(base, 0) + 1
+        return self._model_level(base)
 
     def list_models(self, request=None, **kwargs):
         request = gca_ms.ListModelsRequest(request)
         self.requests.append(("list_models", request))
-        defaults = [self._resolve(base) for base in self.models if base.startswith(request.parent)]
+        defaults = [self._model_level(base) for base in self.models if base.startswith(request.parent)]
         return [m for m in defaults if self._matches(m, request.filter)]
 
     def list_model_versions(self, request=None, **kwargs):
@@ -111,7 +135,8 @@ class FakeModelService:
 @pytest.fixture
 def vertex(monkeypatch):
     fake = FakeModelService()
-    for method in ("upload_model", "get_model", "list_models", "list_model_versions", "merge_version_aliases"):
+    for method in ("upload_model", "get_model", "list_models", "list_model_versions", "merge_version_aliases",
+                   "update_model"):
         monkeypatch.setattr(ModelServiceClient, method,
                             lambda self, *a, _m=method, **kw: getattr(fake, _m)(*a, **kw))
     return fake
@@ -119,7 +144,10 @@ def vertex(monkeypatch):
 
 @pytest.fixture
 def registry(vertex):
-    return open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials(),
+    # artifact_root=none: these tests are about the requests; the copy into the registry's prefix is tested on the
+    # GCS emulator below.
+    return open_registry("vertex://projects/p1/locations/europe-west4?artifact_root=none",
+                         credentials=AnonymousCredentials(),
                          serving_container_image_uri="europe-docker.pkg.dev/p1/serve/vlm:1")
 
 
@@ -144,7 +172,14 @@ def test_first_registration_uploads_a_new_model_with_labels_and_champion_alias(r
     assert upload.model_id == "chart-vlm"
     assert upload.model.display_name == "Chart-VLM"
     assert upload.model.artifact_uri == "gs://acme-ml/runs/1/dpo"
-    assert sorted(upload.model.version_aliases) == ["champion", "default"]
+    # no alias but `default` (a new model needs one default version) travels with an upload; the champion moves
+    # after it, under the etag guard: the model-level label first, then Vertex's own alias
+    assert list(upload.model.version_aliases) == ["default"]
+    (label_update,) = vertex.sent("update_model")
+    assert label_update.model.name == f"{PARENT}/models/chart-vlm" and label_update.model.etag == "0"
+    assert label_update.model.labels["vlmtune_alias_champion"] == "1"
+    assert "vlmtune_content_hash" not in label_update.model.labels  # version labels stay on the version
+    assert vertex.sent("merge_version_aliases") == [(f"{PARENT}/models/chart-vlm@1", ["champion", "default"])]
     assert upload.model.container_spec.image_uri == "europe-docker.pkg.dev/p1/serve/vlm:1"
     assert dict(upload.model.labels) == {
         "vlmtune_name": "chart-vlm",
@@ -168,7 +203,8 @@ def test_next_registration_is_a_version_of_the_same_model_and_takes_the_alias(re
     v2 = register(registry, 2)
     second = vertex.sent("upload_model")[1]
     assert second.parent_model == f"{PARENT}/models/chart-vlm"
-    assert sorted(second.model.version_aliases) == ["champion", "default"]
+    assert list(second.model.version_aliases) == []
+    assert [u.model.labels["vlmtune_alias_champion"] for u in vertex.sent("update_model")] == ["1", "2"]
     assert second.model.artifact_uri == "gs://acme-ml/runs/2/dpo"
     assert v2.version == 2
     assert registry.get("Chart-VLM", "champion").version == 2
@@ -227,3 +263,92 @@ def test_racing_first_registrations_end_up_as_versions_of_one_model(registry, ve
     assert [u.model_id for u in uploads] == ["chart-vlm", "chart-vlm", ""]
     assert uploads[-1].parent_model == f"{PARENT}/models/chart-vlm"
     assert v2.version == 2 and list(vertex.models) == [f"{PARENT}/models/chart-vlm"]
+
+
+# ---- compare-and-set promotion: the model-level label under Vertex's etag ----------------------------------------
+def test_promote_moves_the_champion_only_from_the_expected_version(registry, vertex):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    stale = registry.promote("Chart-VLM", 3, expected=None)  # evaluated when there was no champion
+    assert (stale.promoted, stale.current) == (False, 1)
+    assert [u.model.labels["vlmtune_alias_champion"] for u in vertex.sent("update_model")] == ["1"]  # nothing sent
+    assert registry.promote("Chart-VLM", 2, expected=1).promoted
+    update = vertex.sent("update_model")[-1]
+    assert (update.model.labels["vlmtune_alias_champion"], update.model.etag, list(update.update_mask.paths)) == (
+        "2", "1", ["labels"])
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/chart-vlm@2", ["champion", "default"])
+    assert registry.get("Chart-VLM", "champion").version == 2 and registry.get("Chart-VLM", 1).aliases == []
+
+
+def test_of_two_racing_promotions_the_stale_etag_loses_and_says_who_won(registry, vertex, monkeypatch):
+    for n in (1, 2, 3):
+        register(registry, n, make_champion=(n == 1))
+    other = open_registry("vertex://projects/p1/locations/europe-west4?artifact_root=none",
+                          credentials=AnonymousCredentials())
+    real_update = vertex.update_model
+    raced = []
+
+    def another_run_lands_first(request=None, **kwargs):
+        if not raced:  # between our read (etag 1) and our write, another run promotes version 3
+            raced.append(None)
+            raced[0] = other.promote("Chart-VLM", 3, expected=1)
+        return real_update(request, **kwargs)
+
+    monkeypatch.setattr(vertex, "update_model", another_run_lands_first)
+    ours = registry.promote("Chart-VLM", 2, expected=1)
+    assert raced[0].promoted and (ours.promoted, ours.expected, ours.current) == (False, 1, 3)
+    etags = [u.model.etag for u in vertex.sent("update_model")]
+    assert etags == ["0", "1", "1"]  # the first registration, the other run's write, our refused write
+    assert registry.get("Chart-VLM", "champion").version == 3
+
+
+def test_the_label_decides_when_a_crash_left_the_vertex_alias_behind(registry, vertex, monkeypatch):
+    register(registry, 1)
+    register(registry, 2, make_champion=False)
+    real_merge = vertex.merge_version_aliases
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(vertex, "merge_version_aliases", crash)
+    with pytest.raises(RuntimeError):
+        registry.promote("Chart-VLM", 2, expected=1)
+    monkeypatch.setattr(vertex, "merge_version_aliases", real_merge)
+    assert registry.get("Chart-VLM", "champion").version == 2  # the label moved: version 2 holds the alias
+    assert registry.promote("Chart-VLM", 2, expected=2).promoted  # ...and the next move repairs Vertex's alias
+    assert vertex.sent("merge_version_aliases")[-1] == (f"{PARENT}/models/chart-vlm@2", ["champion", "default"])
+    assert "champion" in vertex._resolve(f"{PARENT}/models/chart-vlm@2").version_aliases
+
+
+# ---- the registry-owned copy (fake-gcs-server) ---------------------------------------------------------------------
+@pytest.mark.gcs
+def test_register_copies_the_model_to_the_registry_prefix_and_uploads_the_copy(vertex, gcs_bucket, tmp_path):
+    from components.common import storage
+
+    source = tmp_path / "dpo"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"w" * 1000)
+    (source / "manifest.json").write_text('{"kind": "vlmtune.model"}')
+    storage.upload_dir(source, f"gs://{gcs_bucket}/root/run-1/dpo")
+    reg = open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials())
+    v1 = reg.register("Chart-VLM", f"gs://{gcs_bucket}/root/run-1/dpo", content_hash=sha(1), metrics={},
+                      lineage=LINEAGE, card="# card")
+    folder = f"gs://{gcs_bucket}/vlmtune-registry/Chart-VLM/{sha(1)}"
+    (upload,) = vertex.sent("upload_model")
+    assert upload.model.artifact_uri == v1.model_uri == f"{folder}/model"
+    assert v1.source_uri == f"gs://{gcs_bucket}/root/run-1/dpo" and v1.artifact["files"] == 2
+    assert storage.read_text(v1.card_uri) == "# card" and v1.card_uri == f"{folder}/README.md"
+    storage.delete(f"gs://{gcs_bucket}/root")  # the pipeline root is cleaned
+    assert storage.read_bytes(f"{v1.model_uri}/adapter_model.safetensors") == b"w" * 1000
+    assert storage.exists(f"{folder}/copy.json")
+    # the same content again: the same version, nothing uploaded or copied again (the source is gone)
+    again = reg.register("Chart-VLM", f"gs://{gcs_bucket}/root/run-1/dpo", content_hash=sha(1), metrics={},
+                         lineage=LINEAGE, card="# card")
+    assert again.version == 1 and len(vertex.sent("upload_model")) == 1
+
+
+def test_a_local_model_without_an_artifact_root_is_refused_before_any_upload(vertex, tmp_path):
+    reg = open_registry("vertex://projects/p1/locations/europe-west4", credentials=AnonymousCredentials())
+    with pytest.raises(Exception, match="Vertex AI reads models from Cloud Storage"):
+        reg.register("Chart-VLM", str(tmp_path), content_hash="e" * 64, metrics={}, lineage={}, card="")
+    assert vertex.sent("upload_model") == []
