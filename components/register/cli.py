@@ -7,8 +7,10 @@
     vlmtune registry promote --registry gs://b/registry --name chart-vlm --version 3 [--alias champion]
 
 ``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (the ``vlmtune`` CLI dispatches
-to both); both print JSON to stdout and
-return 0 on success, 1 on a problem (reported in one line on stderr), 2 when the evaluation gate refused the model.
+to both); both print JSON to stdout. Exit status (as for every vlmtune command): 0 done; 2 bad input, reported
+in one message on stderr: an artifact that does not exist or is not of its kind, a registry that cannot be
+opened or has no such version, or an evaluation whose gate refused the model; 1 a bug. ``register`` checks
+--model, --evaluation and --dataset before it opens the registry.
 Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
 ``registry_main``).
 """
@@ -18,8 +20,10 @@ import argparse
 import json
 import sys
 
-from components.common.artifacts import IncompleteArtifactError
+from components.common.cli import artifact_problems, run_main
+from components.common.config import ConfigError
 from components.common.registry import CHAMPION, RegistryError, open_registry
+from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
 from components.register import core
 
 
@@ -62,17 +66,16 @@ def _print(obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        result = core.run(args.model, args.evaluation, args.registry, args.name,
-                          dataset_uri=args.dataset, make_champion=args.make_champion)
-    except core.EvaluationFailedError as e:
-        print(f"vlmtune register: {e}", file=sys.stderr)
-        return 2
-    except (RegistryError, IncompleteArtifactError, FileNotFoundError) as e:
-        print(f"vlmtune register: {e}", file=sys.stderr)
-        return 1
-    _print(result)
-    return 0
+
+    def body() -> None:
+        problems = artifact_problems([("--model", args.model, MODEL_KIND), ("--evaluation", args.evaluation, EVAL_KIND),
+                                      ("--dataset", args.dataset, DATASET_KIND)])
+        if problems:
+            raise ConfigError(problems=problems, title="invalid input")
+        _print(core.run(args.model, args.evaluation, args.registry, args.name,
+                        dataset_uri=args.dataset, make_champion=args.make_champion))
+
+    return run_main(body, prefix="vlmtune register")
 
 
 def registry_main(argv: list[str] | None = None) -> int:
@@ -80,7 +83,7 @@ def registry_main(argv: list[str] | None = None) -> int:
 
 
 def run_registry_command(args: argparse.Namespace) -> int:
-    try:
+    def body() -> None:
         reg = open_registry(args.registry)
         if args.command == "list":
             _print([v.to_dict() for v in reg.list_versions(args.name)])
@@ -92,10 +95,8 @@ def run_registry_command(args: argparse.Namespace) -> int:
         else:
             reg.set_alias(args.name, args.alias, args.version)
             _print(reg.get(args.name, args.version).to_dict())
-    except RegistryError as e:
-        print(f"vlmtune registry: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(body, prefix="vlmtune registry")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
              name: str) -> NamedTuple("RegisterOutputs", version=int, model_uri=str):
     from collections import namedtuple
 
+    from components.common.cli import reported_failure
     from components.register.core import run
 
-    result = run(model.path, evaluation.path, registry, name, dataset_uri=dataset.path)
+    with reported_failure():
+        result = run(model.path, evaluation.path, registry, name, dataset_uri=dataset.path)
     outputs = namedtuple("RegisterOutputs", ["version", "model_uri"])
     return outputs(int(result["version"]), str(result["model_uri"]))
