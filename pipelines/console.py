@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, TextIO
 from components.common.cli import EXIT_BUG, parse_failure_marker
 
 PROGRESS_EVERY_S = 60.0
-TAIL_LINES = 15
+TAIL_LINES = 12  # shown when a step fails
+_KEPT_LINES = 200  # kept per step, to find where its traceback starts
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _KFP_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (?:INFO|WARNING|ERROR|DEBUG|CRITICAL) - (.*)$")
@@ -56,11 +57,28 @@ CONDITIONS = {"passed-gate": "the evaluation gate did not pass", "new-data": "th
 
 
 class StepFailed(Exception):
-    """A pipeline step failed: which, the exit status it reported (1 when it reported none), its message."""
+    """A pipeline step failed: which, the exit status it reported (1 when it reported none), its message, its
+    last lines, and the steps that did not run because of it."""
 
-    def __init__(self, step: str, status: int, message: str, tail: list[str], log_path: Path | None):
+    def __init__(self, step: str, status: int, message: str, tail: list[str], log_path: Path | None,
+                 not_run: list[str] | None = None):
         super().__init__(f"{step} failed: {message}")
         self.step, self.status, self.message, self.tail, self.log_path = step, status, message, tail, log_path
+        self.not_run = not_run or []
+
+
+def failure_tail(lines: list[str]) -> list[str]:
+    """The last lines of a failed step worth showing: its own output, without kfp's executor-input JSON (the
+    step's inputs, printed when it starts) and the failure marker (shown as the message)."""
+    shown, in_json = [], False
+    for line in lines:
+        if line.rstrip().endswith("Got executor_input:"):
+            in_json = True
+        elif in_json and line.rstrip() == "}":
+            in_json = False
+        elif not in_json and line.strip() and parse_failure_marker(line) is None:
+            shown.append(line)
+    return shown[-TAIL_LINES:]
 
 
 @dataclass
@@ -72,7 +90,7 @@ class _Task:
     seconds: float | None = None
     status: str = "running"
     outputs: dict[str, str] = field(default_factory=dict)
-    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_KEPT_LINES))
     progress: str = ""
     fraction: float | None = None
     failure: tuple[int, str] | None = None
@@ -323,7 +341,7 @@ class StepConsole:
             self.current = None
             if task.status == "failed":
                 self.failed = task
-                self._show_end(task, task.failure[1] if task.failure else "")
+                self._show_end(task, f"exit status {task.failure[0]}, see below" if task.failure else "see below")
             else:
                 self.finished = task
         elif outputs:
@@ -425,7 +443,8 @@ class StepConsole:
         task = self.failed
         if task is not None:
             status, message = task.failure or (EXIT_BUG, f"the step exited with an error ({task.tail[-1] if task.tail else 'no output'})")
-            return StepFailed(task.label, status, message, list(task.tail), self.log_path)
+            not_run = [label for name, label in self.labels.items() if name not in self.tasks]
+            return StepFailed(task.label, status, message, failure_tail(list(task.tail)), self.log_path, not_run)
         return StepFailed("vlmtune", EXIT_BUG, f"{type(error).__name__}: {error}" if error else "unknown error", [],
                           self.log_path)
 

@@ -100,7 +100,7 @@ def _manifest(uri: str | None) -> dict[str, Any]:
         return {}
 
 
-def step_figures(task: str, outputs: dict[str, str]) -> str:
+def step_figures(task: str, outputs: dict[str, str], params: dict[str, Any] | None = None) -> str:
     """The key figures of a finished pipeline task, from its outputs (artifact URIs and values)."""
     if task.startswith("prepare-data"):
         m = _manifest(outputs.get("dataset"))
@@ -121,12 +121,14 @@ def step_figures(task: str, outputs: dict[str, str]) -> str:
         m = _manifest(outputs.get("evaluation"))
         if not m:
             return ""
-        metric = m.get("primary_metric", "")
-        scores = ", ".join(f"{name} {m['metrics'][f'{name}_{metric}']:.3f}" for name in m.get("models", [])
+        metric, order = m.get("primary_metric", ""), ["base", "sft", "dpo", "champion"]
+        models = sorted(m.get("models", []), key=lambda n: order.index(n) if n in order else len(order))
+        scores = ", ".join(f"{name} {m['metrics'][f'{name}_{metric}']:.3f}" for name in models
                            if f"{name}_{metric}" in m.get("metrics", {}))
         return f"{metric}: {scores}; gate {'passed' if m.get('passed') else 'not passed'}"
     if task == "register":
-        return f"version {outputs.get('version', '?')}"
+        name = f"{params.get('registry_name')} " if params else ""
+        return f"{name}v{outputs.get('version', '?')} in {params.get('registry')}" if params else f"version {outputs.get('version', '?')}"
     return ""
 
 
@@ -156,8 +158,10 @@ def report_failure(failure, out=None) -> None:
 
     out = out or sys.stderr
     print(f"\nerror: {failure.step} failed (exit status {failure.status}): {failure.message}", file=out)
+    if failure.not_run:
+        print(f"not run: {', '.join(failure.not_run)}", file=out)
     if failure.tail:
-        print(f"its last lines:", file=out)
+        print("last lines of its log:", file=out)
         for line in failure.tail:
             print(f"  | {line}", file=out)
     if failure.log_path:
@@ -178,7 +182,8 @@ def execute(params: dict[str, Any], workdir: Path, *, title: str, to_build: tupl
     workdir = Path(workdir).absolute()
     started = time.time()
     log_path = log_path_for(workdir)
-    console = StepConsole(log_path, verbose=verbose, out=out, figures=step_figures, hints=progress_hints(params))
+    console = StepConsole(log_path, verbose=verbose, out=out, hints=progress_hints(params),
+                          figures=lambda task, outputs: step_figures(task, outputs, params))
     console.say(f"{title}; full log: {log_path}")
     try:
         with console.capture():
