@@ -197,7 +197,11 @@ def execute(params: dict[str, Any], workdir: Path, *, title: str, to_build: tupl
     except StepFailed as failure:
         report_failure(failure)
         return failure.status, None
-    except Exception as error:  # a bug of ours or of kfp: the traceback is in the log
+    except Exception as error:  # a bug of ours or of kfp: its traceback goes to the log
+        import traceback
+
+        with open(log_path, "a", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
         report_failure(console.failure(error))
         return EXIT_BUG, None
     summary["log"] = str(log_path)
