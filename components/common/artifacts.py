@@ -145,8 +145,12 @@ def missing_manifest_error(folder_uri: str, kind: str | None = None) -> Incomple
         return NotAnArtifactError(
             f"{folder_uri!r} is an empty folder, not a {noun} (no {MANIFEST}); expected {source}")
     shown = f" (it holds {', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})" if entries else ""
-    hint = info.not_one_hint.format(uri=folder_uri) if info else f"expected {source}"
-    return NotAnArtifactError(f"{folder_uri!r} exists but is not a {noun}: it has no {MANIFEST}{shown}; {hint}")
+    if info is None:  # no kind to recognise its files by: both readings are possible, so say both
+        return IncompleteArtifactError(
+            f"{folder_uri!r} exists but has no {MANIFEST}{shown}: either the step writing it did not finish (crashed "
+            f"or still running: re-run it), or it is not a vlmtune artifact at all (pass {source})")
+    return NotAnArtifactError(f"{folder_uri!r} exists but is not a {noun}: it has no {MANIFEST}{shown}; "
+                              f"{info.not_one_hint.format(uri=folder_uri)}")
 
 
 def read_manifest(folder_uri: str, *, kind: str | None = None) -> dict[str, Any]:
