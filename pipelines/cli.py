@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Callable

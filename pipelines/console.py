@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import re
 import sys
@@ -447,10 +446,3 @@ class StepConsole:
             return StepFailed(task.label, status, message, failure_tail(list(task.tail)), self.log_path, not_run)
         return StepFailed("vlmtune", EXIT_BUG, f"{type(error).__name__}: {error}" if error else "unknown error", [],
                           self.log_path)
-
-
-def read_json(path: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
