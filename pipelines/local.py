@@ -3,6 +3,10 @@
 SubprocessRunner(use_venv=False) runs every step in this interpreter's environment; DockerRunner runs each
 step in its image (GPU passed through), exactly as Vertex AI or Kubeflow would. kfp's own cache makes a
 second run with the same inputs skip finished steps.
+
+With a ``console`` (:class:`pipelines.console.StepConsole`, already capturing this process's output) the run
+is shown one line per step and a failed step raises :class:`~pipelines.console.StepFailed` with its exit
+status and last lines; without one, kfp's own output streams as it comes and a failure is kfp's RuntimeError.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components.common.cli import quiet_known_notices
 from pipelines.pipeline import PipelineSettings, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -24,10 +29,12 @@ def run_local(
     caching: bool = True,
     settings: PipelineSettings | None = None,
     gpus: str | None = None,
+    console=None,
 ) -> dict[str, Any]:
     """Run the pipeline; returns {"evaluation": path, "model": path, "seconds": s}."""
     from kfp import local
 
+    quiet_known_notices()
     pipeline_root = Path(pipeline_root).absolute()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     if runner == "subprocess":
@@ -43,8 +50,15 @@ def run_local(
     local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=True,
                enable_caching=caching, cache_root=str(pipeline_root / ".cache"))
     pipeline = build_pipeline(settings)
+    if console is not None:
+        console.describe(pipeline)
     started = time.time()
-    task = pipeline(**params)
+    try:
+        task = pipeline(**params)
+    except RuntimeError as error:
+        if console is not None and console.failed is not None:
+            raise console.failure(error) from error
+        raise
     return {
         "evaluation": task.outputs["evaluation"].path,
         "model": task.outputs["model"].path,

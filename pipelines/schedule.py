@@ -24,6 +24,7 @@ import re
 import sys
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from components.common.cli import EXIT_INPUT, input_error_types
 from pipelines.kubeflow import KubeflowOptions, create_kubeflow, list_kubeflow
 from pipelines.params import SubmitError
 from pipelines.targets import TARGETS, add_target_arguments, checked_inputs, pipeline_template
@@ -200,9 +201,9 @@ def _run(func):
     def wrapped(args):
         try:
             return func(args)
-        except SubmitError as e:
+        except input_error_types() as e:  # SubmitError, CronError, and a settings or template file that is wrong
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_INPUT
     return wrapped
 
 

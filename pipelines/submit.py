@@ -33,8 +33,9 @@ import sys
 
 import yaml
 
+from components.common.cli import EXIT_BUG, EXIT_INPUT, input_error_types
 from pipelines.kubeflow import submit_kubeflow
-from pipelines.params import CHECKPOINT_PARAMS, SubmitError, with_checkpoints
+from pipelines.params import CHECKPOINT_PARAMS, with_checkpoints
 from pipelines.targets import add_target_arguments, checked_inputs, pipeline_template
 from pipelines.vertex import submit_vertex
 from pipelines.waiting import POLL_SECONDS, RunFailed
@@ -60,12 +61,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 submit_vertex(template, params, run_name, options, wait=args.wait, poll_s=args.poll_seconds)
             else:
                 submit_kubeflow(template, params, run_name, options, wait=args.wait, poll_s=args.poll_seconds)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BUG
+    except input_error_types() as e:  # SubmitError, and a settings or template file that is wrong
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
     return 0
 
 
@@ -81,5 +82,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`vlmtune submit ...`: 0 when submitted (and, with --wait, succeeded), 1 when the run failed, 2 on bad input."""
+    """`vlmtune submit ...`: 0 when submitted (and, with --wait, succeeded), 2 on bad input (nothing is sent),
+    1 when the run it waited for failed (its logs say why) or on a bug."""
     return _cmd_submit(make_parser().parse_args(argv))

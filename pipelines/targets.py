@@ -15,7 +15,7 @@ from typing import Iterator
 import yaml
 
 from pipelines.kubeflow import KubeflowOptions
-from pipelines.params import SubmitError, load_params, parse_labels, template_parameters, validate_params
+from pipelines.params import SubmitError, parse_labels, resolve_params, template_parameters
 from pipelines.vertex import VertexOptions
 
 TARGETS = ("vertex", "kubeflow")
@@ -100,15 +100,16 @@ def target_options(args: argparse.Namespace) -> VertexOptions | KubeflowOptions:
 
 
 def checked_inputs(args: argparse.Namespace, template: Path, *, scheduled: bool = False):
-    """(options, params) for the target, with the problems of both reported in one error."""
+    """(options, params) for the target, with the problems of both reported in one error. The parameters go
+    through :func:`pipelines.params.resolve_params`, the validation pass `vlmtune run` uses too."""
     errors, options, params = [], None, {}
     try:
         options = target_options(args)
     except SubmitError as e:
         errors.append(str(e))
     try:
-        params = validate_params(load_params(args.params, args.set), template_parameters(template), args.target,
-                                 scheduled=scheduled)
+        params = resolve_params(template_parameters(template), args.target, params_file=args.params, sets=args.set,
+                                scheduled=scheduled)
     except SubmitError as e:
         errors.append(str(e))
     if errors:

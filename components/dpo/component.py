@@ -1,4 +1,4 @@
-"""KFP component for DPO: the body only calls the core."""
+"""KFP component for DPO: the body only calls the core (``reported_failure``: the exit status `vlmtune run` shows)."""
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
@@ -6,12 +6,14 @@ def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoi
         model: Output[Model], metrics: Output[Metrics]):
     import json
 
+    from components.common.cli import reported_failure
     from components.common.config import build_config
     from components.dpo.config import DPOStepConfig
     from components.dpo.core import run
 
-    settings = build_config(DPOStepConfig, dict(config))
-    manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
+    with reported_failure():
+        settings = build_config(DPOStepConfig, dict(config))
+        manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
     model.metadata.update({"stage": "dpo", "base_model": manifest["base_model"], "content_hash": manifest["content_hash"]})
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

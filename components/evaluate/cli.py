@@ -3,14 +3,17 @@
     vlmtune evaluate --dataset ./data/sft --model sft=./models/sft --model dpo=./models/dpo --output ./eval \
         [--registry ./registry --registry-name my-model] [--metric vqa --min-delta 0.02]
 
-The last --model is the candidate. Exit status 0 whether or not the gate passed; read `passed` in the output.
+The last --model is the candidate. The config, --dataset, every --model and --preference-dataset are checked
+before any model is loaded. Exit status (as for every vlmtune command): 0 done, whether or not the gate passed
+(read `passed` in the output), 2 bad input, 1 a bug.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from components.common.cli import add_config_arguments, config_from_args, run_main
+from components.common.cli import add_config_arguments, run_main, step_inputs
+from components.common.schema import DATASET_KIND, MODEL_KIND
 from components.evaluate.config import EvaluateConfig
 
 
@@ -31,15 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
 
     def body():
-        from components.evaluate.core import run
-
-        models = {}
+        models, problems = {}, []
         for item in args.model:
             name, sep, uri = item.partition("=")
             if not sep or not name or not uri:
-                raise ValueError(f"--model {item!r} must be NAME=URI, e.g. --model sft=./models/sft")
-            models[name] = uri
-        manifest = run(config_from_args(args, EvaluateConfig), args.dataset, models, args.output,
+                problems.append(f"--model {item!r} must be NAME=URI, e.g. --model sft=./models/sft")
+            elif name in models:
+                problems.append(f"--model {name}=...: given twice; each model needs its own name")
+            else:
+                models[name] = uri
+        config = step_inputs(args, EvaluateConfig, problems=problems, artifacts=[
+            ("--dataset", args.dataset, DATASET_KIND),
+            *((f"--model {name}", uri, MODEL_KIND) for name, uri in models.items()),
+            ("--preference-dataset", args.preference_dataset, DATASET_KIND)])
+        from components.evaluate.core import run
+
+        manifest = run(config, args.dataset, models, args.output,
                        base_model=args.base_model, registry=args.registry, registry_name=args.registry_name,
                        preference_uri=args.preference_dataset)
         print(json.dumps({k: manifest[k] for k in ("passed", "reasons", "metrics")}, indent=2))

@@ -10,14 +10,17 @@ def evaluate(dataset: Input[Dataset], preference_dataset: Input[Dataset], sft_mo
              registry: str, registry_name: str, evaluation: Output[Artifact], metrics: Output[Metrics],
              report_html: Output[HTML], report_md: Output[Markdown]) -> bool:
     import shutil
+
+    from components.common.cli import reported_failure
     from components.common.config import build_config
     from components.evaluate.config import EvaluateConfig
     from components.evaluate.core import run
 
-    settings = build_config(EvaluateConfig, dict(config))
-    manifest = run(settings, dataset.path, {"sft": sft_model.path, "dpo": dpo_model.path}, evaluation.path,
-                   registry=registry or None, registry_name=registry_name or None,
-                   preference_uri=preference_dataset.path)
+    with reported_failure():
+        settings = build_config(EvaluateConfig, dict(config))
+        manifest = run(settings, dataset.path, {"sft": sft_model.path, "dpo": dpo_model.path}, evaluation.path,
+                       registry=registry or None, registry_name=registry_name or None,
+                       preference_uri=preference_dataset.path)
     shutil.copyfile(f"{evaluation.path}/report.html", report_html.path)
     shutil.copyfile(f"{evaluation.path}/report.md", report_md.path)
     for key, value in manifest["metrics"].items():

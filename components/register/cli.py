@@ -8,18 +8,20 @@
         [--expect 2|none]
 
 ``main`` is the ``register`` entry point, ``registry_main`` the ``registry`` one (the ``vlmtune`` CLI dispatches
-to both); both print JSON to stdout. Exit status:
+to both); both print JSON to stdout. Exit status (as for every vlmtune command, plus 4):
 
     0  done (registered, and champion when asked; or the registry command did what it was asked)
-    1  a problem, reported in one line on stderr (bad name, no such version, unreachable registry...)
-    2  the evaluation gate refused the model: nothing was registered
+    2  bad input, reported in one message on stderr: an artifact that does not exist or is not of its kind, a
+       registry that cannot be opened or has no such version, or an evaluation whose gate refused the model
     4  registered, but not made champion: the champion is no longer the one the evaluation compared with
        (or, for ``promote``, the alias no longer points where it did / where --expect says). stderr names
        the champion now in place and the one expected; stdout still has the JSON result
+    1  a bug
 
-Promotion is compare-and-set in both commands: ``promote`` moves the alias only if it still points at the
-version it pointed at when the command read it (or at ``--expect``), so two people promoting at once cannot
-both succeed silently.
+``register`` checks --model, --evaluation and --dataset before it opens the registry. Promotion is
+compare-and-set in both commands: ``promote`` moves the alias only if it still points at the version it
+pointed at when the command read it (or at ``--expect``), so two people promoting at once cannot both
+succeed silently.
 Also runnable as ``python -m components.register.cli ...`` (a first word of list/show/promote selects
 ``registry_main``).
 """
@@ -29,8 +31,10 @@ import argparse
 import json
 import sys
 
-from components.common.artifacts import IncompleteArtifactError
+from components.common.cli import artifact_problems, run_main
+from components.common.config import ConfigError
 from components.common.registry import CHAMPION, RegistryError, open_registry
+from components.common.schema import DATASET_KIND, EVAL_KIND, MODEL_KIND
 from components.register import core
 
 
@@ -76,20 +80,21 @@ def _print(obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
+        problems = artifact_problems([("--model", args.model, MODEL_KIND), ("--evaluation", args.evaluation, EVAL_KIND),
+                                      ("--dataset", args.dataset, DATASET_KIND)])
+        if problems:
+            raise ConfigError(problems=problems, title="invalid input")
         result = core.run(args.model, args.evaluation, args.registry, args.name,
                           dataset_uri=args.dataset, make_champion=args.make_champion)
-    except core.EvaluationFailedError as e:
-        print(f"vlmtune register: {e}", file=sys.stderr)
-        return 2
-    except (RegistryError, IncompleteArtifactError, FileNotFoundError) as e:
-        print(f"vlmtune register: {e}", file=sys.stderr)
-        return 1
-    _print(result)
-    if result["reason"]:
-        print(f"vlmtune register: {result['reason']}", file=sys.stderr)
-        return core.EXIT_NOT_PROMOTED
-    return 0
+        _print(result)
+        if result["reason"]:
+            print(f"vlmtune register: {result['reason']}", file=sys.stderr)
+            return core.EXIT_NOT_PROMOTED
+        return 0
+
+    return run_main(body, prefix="vlmtune register")
 
 
 def _expected(text: str | None) -> int | None:
@@ -106,7 +111,7 @@ def registry_main(argv: list[str] | None = None) -> int:
 
 
 def run_registry_command(args: argparse.Namespace) -> int:
-    try:
+    def body() -> int:
         reg = open_registry(args.registry)
         if args.command == "list":
             _print([v.to_dict() for v in reg.list_versions(args.name)])
@@ -133,10 +138,9 @@ def run_registry_command(args: argparse.Namespace) -> int:
                       f"(--expect {promotion.current if promotion.current is not None else 'none'}) if you still "
                       f"want to.", file=sys.stderr)
                 return core.EXIT_NOT_PROMOTED
-    except RegistryError as e:
-        print(f"vlmtune registry: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_main(body, prefix="vlmtune registry")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
     import sys
     from collections import namedtuple
 
+    from components.common.cli import reported_failure
     from components.register.core import run
 
-    result = run(model.path, evaluation.path, registry, name, dataset_uri=dataset.path)
+    with reported_failure():
+        result = run(model.path, evaluation.path, registry, name, dataset_uri=dataset.path)
     if result["reason"]:  # registered, not promoted: the champion changed since the evaluation (not a failure)
         print(f"register: {result['reason']}", file=sys.stderr)
     outputs = namedtuple("RegisterOutputs", ["version", "model_uri"])

@@ -2,13 +2,18 @@
 
     vlmtune sft --dataset ./data/sft --output ./models/sft --base-model HuggingFaceTB/SmolVLM-256M-Instruct \
         [--checkpoint-uri gs://bucket/ckpt/run-1/sft] [--config sft.yaml] [--learning-rate 1e-4 ...]
+
+The config and --dataset are checked before the model is loaded. Exit status (as for every vlmtune command):
+0 done, 2 bad input (config, flags, a --dataset that is not a prepared SFT dataset), 3 more rows over
+max_length than max_too_long_fraction allows, 1 a bug.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from components.common.cli import add_config_arguments, config_from_args, run_main
+from components.common.cli import EXIT_DATA, ErrorRule, add_config_arguments, run_main, step_inputs
+from components.common.schema import DATASET_KIND
 from components.sft.config import SFTStepConfig
 
 
@@ -23,13 +28,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from components.sft import core
 
     def body():
-        from components.sft.core import run
-
-        config = config_from_args(args, SFTStepConfig)
-        manifest = run(config, args.dataset, args.output, args.checkpoint_uri)
+        config = step_inputs(args, SFTStepConfig, artifacts=[("--dataset", args.dataset, DATASET_KIND)])
+        manifest = core.run(config, args.dataset, args.output, args.checkpoint_uri)
         print(json.dumps(manifest["metrics"], indent=2))
         print(f"SFT model written to {args.output}")
 
-    return run_main(body)
+    return run_main(body, rules=(ErrorRule((core.TooManyRowsOverBudgetError,), EXIT_DATA),))

@@ -1,4 +1,4 @@
-"""KFP component for SFT: the body only calls the core."""
+"""KFP component for SFT: the body only calls the core (``reported_failure``: the exit status `vlmtune run` shows)."""
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
@@ -6,12 +6,14 @@ def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: 
         model: Output[Model], metrics: Output[Metrics]):
     import json
 
+    from components.common.cli import EXIT_DATA, ErrorRule, reported_failure
     from components.common.config import build_config
     from components.sft.config import SFTStepConfig
-    from components.sft.core import run
+    from components.sft.core import TooManyRowsOverBudgetError, run
 
-    settings = build_config(SFTStepConfig, {**config, "base_model": base_model})
-    manifest = run(settings, dataset.path, model.path, checkpoint_uri or None)
+    with reported_failure(rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),)):
+        settings = build_config(SFTStepConfig, {**config, "base_model": base_model})
+        manifest = run(settings, dataset.path, model.path, checkpoint_uri or None)
     model.metadata.update({"stage": "sft", "base_model": base_model, "content_hash": manifest["content_hash"]})
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -300,8 +300,9 @@ def test_vertex_rejects_local_uris_and_reports_all_problems(vertex_fake, params_
     err = capsys.readouterr().err
     assert rc == 2
     for expected in ("--pipeline-root: '/tmp/root' must be a gs:// URI", "--label 'Team=Vision'",
-                     "unknown parameters ['learning_rate']", "sft_source: './data/sft' must be a gs:// URI on Vertex AI",
-                     "registry: '/srv/registry' is on this machine", "sft_config: unknown fields ['lora_rr']"):
+                     "--set: unknown parameter 'learning_rate'", "--set: sft_source: './data/sft' must be a gs:// URI on Vertex AI",
+                     "--set: registry: '/srv/registry' is on this machine",
+                     "--set: sft_config: unknown key 'lora_rr' (did you mean 'lora_r'?)"):
         assert expected in err, (expected, err)
     assert vertex_fake.created_jobs == []
 
@@ -319,7 +320,7 @@ def test_secrets_are_refused_as_parameters(vertex_fake, params_file, templates, 
     rc = _main(["submit", *VERTEX_ARGS, "--template", templates["vertex"], "--params", params_file,
                 "--set", "sft_config.hf_token=hf_abcdef"])
     err = capsys.readouterr().err
-    assert rc == 2 and "look like secrets" in err
+    assert rc == 2 and "--set: sft_config.hf_token: looks like a secret" in err
     assert "hf_abcdef" not in err
     assert vertex_fake.created_jobs == []
 

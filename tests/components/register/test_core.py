@@ -221,7 +221,7 @@ def test_cli_register_list_show_promote(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["source_uri"] == m1
     assert cli.registry_main(["promote", "--registry", registry, "--name", "vlm", "--version", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["aliases"] == ["champion"]
-    assert cli.registry_main(["show", "--registry", registry, "--name", "vlm", "--ref", "9"]) == 1
+    assert cli.registry_main(["show", "--registry", registry, "--name", "vlm", "--ref", "9"]) == 2  # bad input: exit 2
     assert "no version '9'" in capsys.readouterr().err
 
 
