@@ -345,7 +345,7 @@ def test_cli_promote_is_compare_and_set(tmp_path, capsys):
     assert cli.registry_main([*args, "--version", "3", "--expect", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["aliases"] == ["champion"]
     assert cli.registry_main([*args, "--version", "2", "--alias", "staging", "--expect", "none"]) == 0
-    assert cli.registry_main([*args, "--version", "2", "--expect", "three"]) == 1
+    assert cli.registry_main([*args, "--version", "2", "--expect", "three"]) == 2  # bad input: exit 2
     assert "not a version number or 'none'" in capsys.readouterr().err
 
 
