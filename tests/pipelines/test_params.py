@@ -30,7 +30,7 @@ def test_layers_merge_in_order_and_problems_name_their_layer(spec, tmp_path):
                      sets=["sft_config.quantization=2bit", "eval_config.metric=bleu"], flag="--config")
     assert found[:2] == ["--set: sft_config.quantization must be one of ('none', '4bit', '8bit'), not '2bit'",
                          f"{run}: sft_config.lora_r must be > 0, got 0"]  # in the order validate() checks them
-    assert found[2].startswith("--set: eval_config.metric must be one of [")
+    assert found[2].startswith("--set: eval_config.metric: unknown metric 'bleu'; choose one of anls, exact_match")
     assert found[3].startswith(f"{run}: registry_name: 'my model' is not a model name")
     assert len(found) == 4  # the file's sft_config replaced the defaults' one: learning_rate 2e-3 is gone, not checked
 
