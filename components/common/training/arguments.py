@@ -26,9 +26,11 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         data_seed=config.seed,
         bf16=settings.bf16,
         optim=settings.optim,
-        gradient_checkpointing=use_gradient_checkpointing(config),
+        # transformers 5.24 names these activation_checkpointing*; the old gradient_checkpointing* names are
+        # deprecated aliases it keeps equal to these (TRL's trainers read the old names, so both stay right).
+        activation_checkpointing=use_gradient_checkpointing(config),
         # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=None,  # budget enforced by dropping rows; truncation could cut an image
         include_num_input_tokens_seen="non_padding",
         report_to="none",
