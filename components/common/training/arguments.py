@@ -22,6 +22,9 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         logging_steps=config.logging_steps,
         save_strategy="steps" if checkpoint_uri else "no",
         save_steps=config.save_steps,
+        # Each local checkpoint is deleted once published (checkpoints.py); the limit bounds the work folder even
+        # if that fails. Resume needs only the newest published one.
+        save_total_limit=1,
         seed=config.seed,
         data_seed=config.seed,
         bf16=settings.bf16,
