@@ -25,9 +25,10 @@ CHECKPOINT_MARKER = "COMPLETE"
 # every process, trainer_state.json with the step and log history) into its local output_dir; the callback
 # below copies that folder to ``<checkpoint_uri>/checkpoint-N`` and writes ``COMPLETE`` last. On start, the
 # newest folder with a marker is copied back and handed to ``trainer.train(resume_from_checkpoint=...)``,
-# which restores all of the above and skips the batches already seen (same data order for the same seed).
-# A local checkpoint is deleted once published. A folder without its marker (a writer killed mid-upload) is
-# ignored and overwritten by the next save.
+# which restores all of the above and skips the batches already seen. The data order of every epoch, the run's
+# loss and token totals, and "nothing left to train" are ``resume.py``'s part. A local checkpoint is deleted
+# once published. A folder without its marker (a writer killed mid-upload) is ignored and overwritten by the
+# next save.
 
 
 def _checkpoint_step(name: str) -> int | None:

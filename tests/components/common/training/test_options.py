@@ -183,6 +183,7 @@ def test_length_grouping_really_groups_and_cuts_padding(tmp_path, tiny_model_dir
     from components.common.dataset import load_split
     from components.common.modeling import load_processor
     from components.common.training.collator import VisionSFTCollator
+    from components.common.training.resume import EpochSeededSampler, with_exact_resume
     from components.sft.core import filter_by_token_budget, training_arguments
 
     rng = random.Random(0)
@@ -201,8 +202,9 @@ def test_length_grouping_really_groups_and_cuts_padding(tmp_path, tiny_model_dir
     padding = {}
     for grouped in (True, False):
         args = training_arguments(config(tiny_model_dir, group_by_length=grouped, per_device_train_batch_size=4), str(tmp_path / str(grouped)))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, data_collator=collator, processing_class=processor)
-        assert type(trainer._get_train_sampler()).__name__ == ("LengthGroupedSampler" if grouped else "RandomSampler")
+        trainer = with_exact_resume(SFTTrainer)(model=model, args=args, train_dataset=data, data_collator=collator, processing_class=processor)
+        sampler = trainer._get_train_sampler()
+        assert isinstance(sampler, EpochSeededSampler) and (sampler.lengths == data["length"] if grouped else sampler.lengths is None)
         padding[grouped] = padding_per_real_token(trainer)
     assert padding[True] < 0.5 * padding[False], padding
 
