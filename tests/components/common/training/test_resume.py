@@ -93,6 +93,15 @@ def child_env(slow_dir: Path | None) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def child_tmp(tmp_path, monkeypatch) -> Path:
+    """The children's temporary folder (the trainer's local work folders land there), one per test."""
+    folder = tmp_path / "child-tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
 def run_to_the_end(command: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(command, cwd=REPO, env=child_env(None), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -169,7 +178,7 @@ def reference(tmp_path_factory, inputs):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.step for c in CASES])
-def test_preempted_after_the_first_epoch_by_sigterm_then_sigkill_resumes_exactly(tmp_path, case, inputs, reference):
+def test_preempted_after_the_first_epoch_by_sigterm_then_sigkill_resumes_exactly(tmp_path, case, inputs, reference, child_tmp):
     """One run preempted twice past its first epoch, as spot VMs are: SIGTERM (save at once, exit 143), restart;
     SIGKILL after the next checkpoint (no warning at all), restart; it finishes as if never interrupted."""
     expected = reference(case)
@@ -188,15 +197,22 @@ def test_preempted_after_the_first_epoch_by_sigterm_then_sigkill_resumes_exactly
     assert complete_steps(checkpoints)[-2:] == [first, first + 1], log[-3000:]
     assert (first + 1) % case.save_steps and first + 1 > case.steps_per_epoch
     assert "resuming from" not in log and not (output / "manifest.json").exists()
+    assert not list(child_tmp.glob(f"vlmtune-{case.step}-*"))  # a clean exit removes the trainer's work folder
 
-    # 2. Restart with the same command; SIGKILL once the next scheduled checkpoint is complete.
+    # 2. Restart with the same command; SIGKILL during the step after the next scheduled checkpoint.
     proc = start_slow_and_wait_for_checkpoint(command, tmp_path / "2", checkpoints, after_step=first + 1)
+    survived = max(complete_steps(checkpoints))
+    wait_until_step_runs(tmp_path / "2", survived + 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     log = (tmp_path / "2" / "run.log").read_text()
     assert f"resuming from {checkpoints}/checkpoint-{first + 1}" in log, log[-3000:]
-    survived = max(complete_steps(checkpoints))
+    assert max(complete_steps(checkpoints)) == survived
     assert first + 1 < survived < case.max_steps and not (output / "manifest.json").exists()
+    # The killed run's work folder stays behind (nothing runs after SIGKILL) but holds no checkpoint: the
+    # downloaded one was rotated out and each new one deleted once published.
+    left = list(child_tmp.glob(f"vlmtune-{case.step}-*"))
+    assert len(left) == 1 and not list(left[0].glob("checkpoint-*")), [list(d.iterdir()) for d in left]
     # A checkpoint folder without its marker (what a kill during upload leaves) must be ignored.
     half = checkpoints / f"checkpoint-{survived + 1}"
     half.mkdir(exist_ok=True)
