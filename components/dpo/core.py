@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_long_fraction: float):
-    """Drop (and count) pairs whose prompt + longer answer is over ``max_length`` tokens."""
+    """Drop (and count) pairs whose prompt + longer answer is over ``max_length`` tokens; add a ``length``
+    column (tokens of prompt + the longer answer: what a batch pads to) for length-grouped batches."""
     collator = VisionSFTCollator(processor, max_length=max_length)
-    keep, too_long = [], 0
+    keep, lengths, too_long = [], [], 0
     for i, row in enumerate(dataset):
         try:
-            for answer in ("chosen", "rejected"):
-                collator.encode({"messages": list(row["prompt"]) + list(row[answer]), "images": row["images"]})
+            lengths.append(max(
+                len(collator.encode({"messages": list(row["prompt"]) + list(row[answer]), "images": row["images"]})["input_ids"])
+                for answer in ("chosen", "rejected")))
             keep.append(i)
         except SequenceTooLongError:
             too_long += 1
@@ -42,7 +44,7 @@ def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_lo
             f"{too_long} of {dataset.num_rows} preference pairs exceed max_length={max_length} tokens "
             f"(limit {max_too_long_fraction:.0%}). Raise max_length or max_too_long_fraction."
         )
-    return dataset.select(keep), too_long
+    return dataset.select(keep).add_column("length", lengths), too_long
 
 
 def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
@@ -56,6 +58,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     from components.common.training.arguments import common_training_arguments
     from components.common.training.checkpoints import fetch_checkpoint, make_checkpoint_callback, trainer_work_dir
     from components.common.training.distributed import is_main_process, wait_for_everyone
+    from components.common.training.resume import with_exact_resume
     from components.common.training.model import (
         keep_trainable_in_compute_dtype,
         load_trainable_model,
@@ -104,7 +107,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     else:
         train = dataset.split("train")
     train, dropped = filter_pairs_by_token_budget(train, processor, config.max_length, config.max_too_long_fraction)
-    train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images")])
+    train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images", "length")])
 
     base, _ = load_trainable_model(config)
     model = PeftModel.from_pretrained(base, str(sft_local / "adapter"), is_trainable=True)
@@ -115,7 +118,8 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
             beta=config.beta,
             loss_type=[config.loss_type],
         )
-        trainer = DPOTrainer(
+        # Exact resume: each epoch's order a function of (seed, epoch), run totals kept, no step past the last.
+        trainer = with_exact_resume(DPOTrainer)(
             model=model,
             args=args,
             train_dataset=train,
@@ -125,12 +129,11 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         keep_trainable_in_compute_dtype(trainer.model)
         resume_from = fetch_checkpoint(checkpoint_uri, Path(work))
         result = trainer.train(resume_from_checkpoint=resume_from)
-        metrics = training_metrics(trainer, result, int(trainer.state.num_input_tokens_seen or 0), train.num_rows, started)
+        metrics = training_metrics(trainer, result, train.num_rows, started, resume_from)
         rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         metrics.update({
             "pairs_over_token_budget": dropped,
             "pairs_from_sft_mistakes": mistakes,
-            "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None,
             "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,
         })

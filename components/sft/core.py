@@ -81,8 +81,6 @@ def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: s
 
     return SFTConfig(
         **common_training_arguments(config, output_dir, checkpoint_uri),
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        length_column_name="length",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
@@ -98,6 +96,7 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
     from components.common.modeling import load_processor
     from components.common.training.checkpoints import fetch_checkpoint, make_checkpoint_callback, trainer_work_dir
     from components.common.training.distributed import is_main_process, wait_for_everyone
+    from components.common.training.resume import with_exact_resume
     from components.common.training.model import (
         keep_trainable_in_compute_dtype,
         load_trainable_model,
@@ -130,7 +129,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         args = training_arguments(config, work, checkpoint_uri)
         counting = PaddingCounter(collator)
         checkpoints = make_checkpoint_callback(checkpoint_uri)
-        trainer = SFTTrainer(
+        # Exact resume: each epoch's order a function of (seed, epoch), run totals kept, no step past the last.
+        trainer = with_exact_resume(SFTTrainer)(
             model=model,
             args=args,
             train_dataset=train,
@@ -142,9 +142,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         keep_trainable_in_compute_dtype(trainer.model)
         resume_from = fetch_checkpoint(checkpoint_uri, Path(work))
         result = trainer.train(resume_from_checkpoint=resume_from)
-        tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
-        metrics = training_metrics(trainer, result, tokens_seen, train.num_rows, started)
-        metrics.update({"rows_over_token_budget": dropped, **counting.metrics(), "resumed_from": resume_from.rsplit("/", 1)[-1] if resume_from else None})
+        metrics = training_metrics(trainer, result, train.num_rows, started, resume_from)
+        metrics.update({"rows_over_token_budget": dropped, **counting.metrics()})
         if not main_process:  # multi-process run: rank 0 writes the artifact; the others wait for it
             return manifest_from_rank_zero(output_uri)
         write_training_outputs(out, trainer, processor, config, metrics, "SFT")

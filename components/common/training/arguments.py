@@ -7,7 +7,8 @@ from components.common.training.model import use_gradient_checkpointing
 
 def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None) -> dict:
     """The TrainingArguments both SFT and DPO take from our config: schedule, precision/optimizer for the device,
-    checkpoints only when there is somewhere to publish them, no truncation (the steps drop over-budget rows)."""
+    checkpoints only when there is somewhere to publish them, batches grouped by length (each step gives its
+    dataset a ``length`` column) or shuffled, no truncation (the steps drop over-budget rows)."""
     settings = device_settings()
     return dict(
         output_dir=output_dir,
@@ -22,14 +23,21 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         logging_steps=config.logging_steps,
         save_strategy="steps" if checkpoint_uri else "no",
         save_steps=config.save_steps,
+        # Each local checkpoint is deleted once published (checkpoints.py); the limit bounds the work folder even
+        # if that fails. Resume needs only the newest published one.
+        save_total_limit=1,
         seed=config.seed,
         data_seed=config.seed,
         bf16=settings.bf16,
         optim=settings.optim,
-        gradient_checkpointing=use_gradient_checkpointing(config),
+        # transformers 5.24 names these activation_checkpointing*; the old gradient_checkpointing* names are
+        # deprecated aliases it keeps equal to these (TRL's trainers read the old names, so both stay right).
+        activation_checkpointing=use_gradient_checkpointing(config),
         # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=None,  # budget enforced by dropping rows; truncation could cut an image
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,

@@ -25,8 +25,10 @@ CHECKPOINT_MARKER = "COMPLETE"
 # every process, trainer_state.json with the step and log history) into its local output_dir; the callback
 # below copies that folder to ``<checkpoint_uri>/checkpoint-N`` and writes ``COMPLETE`` last. On start, the
 # newest folder with a marker is copied back and handed to ``trainer.train(resume_from_checkpoint=...)``,
-# which restores all of the above and skips the batches already seen (same data order for the same seed).
-# A folder without its marker (a writer killed mid-upload) is ignored and overwritten by the next save.
+# which restores all of the above and skips the batches already seen. The data order of every epoch, the run's
+# loss and token totals, and "nothing left to train" are ``resume.py``'s part. A local checkpoint is deleted
+# once published. A folder without its marker (a writer killed mid-upload) is ignored and overwritten by the
+# next save.
 
 
 def _checkpoint_step(name: str) -> int | None:
@@ -92,11 +94,12 @@ def trainer_work_dir(prefix: str, output_uri: str):
             shutil.rmtree(work, ignore_errors=True)
 
 
-def publish_checkpoint(local: Path, checkpoint_uri: str, step: int) -> str:
+def publish_checkpoint(local: Path, checkpoint_uri: str, step: int, remove_local: bool = False) -> str:
     """Copy a finished local checkpoint folder to ``<checkpoint_uri>/checkpoint-<step>``, marker last.
 
     A folder already there (a run killed while uploading the same step) loses its marker first and is cleared,
-    so stale files never sit beside new ones under a marker."""
+    so stale files never sit beside new ones under a marker. ``remove_local`` deletes the local folder once the
+    marker is written (never when the local folder is the published one)."""
     target = storage.join(checkpoint_uri, f"checkpoint-{step}")
     same_place = not storage.is_remote(target) and storage.to_local_path(target).resolve() == local.resolve()
     if not same_place:
@@ -105,6 +108,8 @@ def publish_checkpoint(local: Path, checkpoint_uri: str, step: int) -> str:
         storage.upload_dir(local, target)
     storage.write_text(storage.join(target, CHECKPOINT_MARKER), json.dumps({"step": step, "time": time.time()}))
     log.info("checkpoint %s published", target)
+    if remove_local and not same_place:
+        shutil.rmtree(local, ignore_errors=True)
     return target
 
 
@@ -144,7 +149,10 @@ def make_checkpoint_callback(checkpoint_uri: str | None):
             if dist is not None:
                 dist.barrier()  # every rank has written its rng_state_<rank>.pth
             if state.is_world_process_zero:
-                publish_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri, state.global_step)
+                # The published copy is all a resume needs: the local one goes, so the work folder holds no more
+                # than the checkpoint being written (and save_total_limit=1 bounds it if a delete fails).
+                publish_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri,
+                                   state.global_step, remove_local=True)
             if dist is not None:
                 dist.barrier()  # nobody exits before the marker is written
             if self.sigterm:

@@ -45,7 +45,10 @@ def load_trainable_model(config):
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_gradient_checkpointing(config))
+        # Checkpointing is not switched on here: PEFT would call the deprecated gradient_checkpointing_enable with
+        # reentrant checkpoints. The Trainer turns it on (non-reentrant) from activation_checkpointing (arguments.py),
+        # and TRL adds the input-gradient hook a PEFT model needs with it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.method == "full":
         vision = getattr(getattr(model, "model", model), "vision_model", None)
         if vision is not None:

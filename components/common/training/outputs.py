@@ -68,19 +68,26 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def training_metrics(trainer, train_result, tokens_seen: int, rows: int, started: float) -> dict[str, Any]:
+def training_metrics(trainer, train_result, rows: int, started: float, resumed_from: str | None) -> dict[str, Any]:
+    """What a training step reports. ``train_loss``, ``global_steps`` and ``input_tokens_seen`` cover the whole
+    run, steps before a resume included; the rates and ``steps_this_run`` cover this process's ``train()`` call."""
     trainable, total = trainable_parameter_count(trainer.model)
     runtime = train_result.metrics.get("train_runtime") or (time.time() - started)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+    tokens_this_run = tokens_seen - getattr(trainer, "tokens_before_resume", 0)
     return {
         "train_loss": float(train_result.training_loss),
         "first_logged_loss": float(losses[0]) if losses else None,
         "last_logged_loss": float(losses[-1]) if losses else None,
         "global_steps": int(trainer.state.global_step),
+        "steps_this_run": int(trainer.state.global_step) - getattr(trainer, "steps_before_resume", 0),
+        "resumed_from": Path(resumed_from).name if resumed_from else None,
+        "input_tokens_seen": tokens_seen,
         "train_rows": rows,
         "train_runtime_s": float(runtime),
         "samples_per_s": float(train_result.metrics.get("train_samples_per_second", 0.0)),
-        "tokens_per_s": float(tokens_seen / runtime) if runtime else 0.0,
+        "tokens_per_s": float(tokens_this_run / runtime) if runtime else 0.0,
         "peak_memory_bytes": peak_memory_bytes(),
         "trainable_parameters": trainable,
         "total_parameters": total,
