@@ -3,14 +3,14 @@
     vlmtune dpo --dataset ./data/preference --sft-model ./models/sft --output ./models/dpo [--beta 0.1]
 
 The config, --dataset and --sft-model are checked before any model is loaded. Exit status (as for every
-vlmtune command): 0 done, 2 bad input, 1 a bug.
+vlmtune command): 0 done, 2 bad input, 3 too many pairs over the token budget, 1 a bug.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from components.common.cli import add_config_arguments, run_main, step_inputs
+from components.common.cli import EXIT_DATA, ErrorRule, add_config_arguments, run_main, step_inputs
 from components.common.schema import DATASET_KIND, MODEL_KIND
 from components.dpo.config import DPOStepConfig
 
@@ -37,4 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(manifest["metrics"], indent=2))
         print(f"DPO model written to {args.output}")
 
-    return run_main(body)
+    from components.common.training.collator import TooManyRowsOverBudgetError
+
+    return run_main(body, rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),))

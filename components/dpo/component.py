@@ -6,12 +6,13 @@ def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoi
         model: Output[Model], metrics: Output[Metrics]):
     import json
 
-    from components.common.cli import reported_failure
+    from components.common.cli import EXIT_DATA, ErrorRule, reported_failure
     from components.common.config import build_config
     from components.dpo.config import DPOStepConfig
+    from components.common.training.collator import TooManyRowsOverBudgetError
     from components.dpo.core import run
 
-    with reported_failure():
+    with reported_failure(rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),)):
         settings = build_config(DPOStepConfig, dict(config))
         manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
     model.metadata.update({"stage": "dpo", "base_model": manifest["base_model"], "content_hash": manifest["content_hash"]})

@@ -19,7 +19,7 @@ from components.common import artifacts
 from components.common.dataset import open_dataset
 from components.common.processor_settings import apply_processor_settings
 from components.common.schema import MODEL_KIND
-from components.common.training.collator import SequenceTooLongError, VisionSFTCollator
+from components.common.training.collator import SequenceTooLongError, TooManyRowsOverBudgetError, VisionSFTCollator
 from components.dpo.config import DPOStepConfig
 from components.dpo.mistakes import preference_pairs_from_mistakes
 
@@ -40,7 +40,7 @@ def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_lo
         except SequenceTooLongError:
             too_long += 1
     if dataset.num_rows and too_long / dataset.num_rows > max_too_long_fraction:
-        raise ValueError(
+        raise TooManyRowsOverBudgetError(
             f"{too_long} of {dataset.num_rows} preference pairs exceed max_length={max_length} tokens "
             f"(limit {max_too_long_fraction:.0%}). Raise max_length or max_too_long_fraction."
         )

@@ -36,4 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(manifest["metrics"], indent=2))
         print(f"SFT model written to {args.output}")
 
-    return run_main(body, rules=(ErrorRule((core.TooManyRowsOverBudgetError,), EXIT_DATA),))
+    from components.common.training.collator import TooManyRowsOverBudgetError
+
+    return run_main(body, rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),))

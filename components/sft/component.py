@@ -9,7 +9,8 @@ def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: 
     from components.common.cli import EXIT_DATA, ErrorRule, reported_failure
     from components.common.config import build_config
     from components.sft.config import SFTStepConfig
-    from components.sft.core import TooManyRowsOverBudgetError, run
+    from components.common.training.collator import TooManyRowsOverBudgetError
+    from components.sft.core import run
 
     with reported_failure(rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),)):
         settings = build_config(SFTStepConfig, {**config, "base_model": base_model})

@@ -18,14 +18,10 @@ from typing import Any
 from components.common import artifacts
 from components.common.dataset import open_dataset
 from components.common.processor_settings import apply_processor_settings
-from components.common.training.collator import SequenceTooLongError, VisionSFTCollator
+from components.common.training.collator import SequenceTooLongError, TooManyRowsOverBudgetError, VisionSFTCollator
 from components.sft.config import SFTStepConfig
 
 log = logging.getLogger(__name__)
-
-
-class TooManyRowsOverBudgetError(ValueError):
-    pass
 
 
 def filter_by_token_budget(dataset, collator: VisionSFTCollator, max_too_long_fraction: float, what: str = "train"):

@@ -95,6 +95,13 @@ def test_sft_over_the_token_budget_is_3(tmp_path, capsys, prepared_sft, tiny_mod
     assert not artifacts.is_complete(str(tmp_path / "o"))
 
 
+def test_dpo_over_the_token_budget_is_3(tmp_path, capsys, prepared_preference, sft_model_dir):
+    rc, err = run_cli(["dpo", "--dataset", str(prepared_preference), "--sft-model", str(sft_model_dir), "--output",
+                       str(tmp_path / "o"), "--max-length", "8", "--max-steps", "1", "--cpu-threads", "1"], capsys)
+    assert rc == 3 and err[-1].startswith("error: ") and "preference pairs exceed max_length=8 tokens" in err[-1]
+    assert not artifacts.is_complete(str(tmp_path / "o"))
+
+
 def test_dpo_refuses_a_dataset_given_as_the_sft_model(tmp_path, capsys):
     data = fake_artifact(tmp_path / "prefs", DATASET_KIND, task="preference")
     rc, err = run_cli(["dpo", "--dataset", data, "--sft-model", data, "--output", str(tmp_path / "o")], capsys)

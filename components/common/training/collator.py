@@ -23,6 +23,11 @@ class SequenceTooLongError(ValueError):
     """A row does not fit the token budget; such rows are dropped and counted, never truncated."""
 
 
+class TooManyRowsOverBudgetError(ValueError):
+    """More rows (or preference pairs) are over the token budget than ``max_too_long_fraction`` allows: the
+    data is over its limit (exit status 3, like prepare-data's invalid-row limit), not a bad argument."""
+
+
 def _render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
