@@ -16,6 +16,8 @@ import datetime as dt
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -287,7 +289,7 @@ def readme_block(first: dict[str, Any], second: dict[str, Any], *, date: str, ma
     return "\n".join([
         README_START,
         f"Measured {date} on {machine} (`vlmtune demo --write-readme README.md`: a first run in a fresh workdir, then",
-        f"a second run in the same workdir), {first['metric']} on the {first['eval_rows']} held-out rows:",
+        f"a second `vlmtune demo` process in the same workdir, timed from outside), {first['metric']} on the {first['eval_rows']} held-out rows:",
         "",
         "| | base | sft | dpo | gate | registered | wall time |",
         "|---|---|---|---|---|---|---|",
@@ -329,9 +331,15 @@ def demo_for_readme(workdir: str | Path, readme: str | Path, verbose: bool = Fal
     status, first = run_demo(workdir, caching=True, verbose=verbose)
     if status != EXIT_OK:
         return status
-    status, second = run_demo(workdir, caching=True, verbose=verbose)
-    if status != EXIT_OK:
-        return status
+    # The second run is a fresh process, timed from outside, as a user's second `make demo` is: kfp's cache
+    # makes the pipeline itself take milliseconds, the interpreter and imports are what remains.
+    started = time.time()
+    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", "--workdir", str(workdir)],
+                           capture_output=not verbose, text=True)
+    if rerun.returncode != EXIT_OK:
+        print(rerun.stdout or "", rerun.stderr or "", sep="", end="")
+        return rerun.returncode
+    second = {**json.loads((workdir / "summary.json").read_text()), "wall_seconds": round(time.time() - started, 1)}
     write_readme(readme, readme_block(first, second, date=date, machine=machine))
     print(f"demo table written to {readme}")
     return EXIT_OK
