@@ -355,6 +355,7 @@ mount --bind "$1/ro-src" "$1/ro"
 mount -o remount,bind,ro "$1/ro"
 mount -t tmpfs -o size=256k tmpfs "$1/full"
 chmod 0777 "$1"; chmod 0555 "$1/locked"
+echo MOUNTED
 shift
 exec "$@"
 '''
@@ -388,6 +389,8 @@ def refused_writes() -> dict:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line:
                 return json.loads(line[len("RESULT "):])
+            if "MOUNTED" in proc.stdout:  # the mounts worked: the script itself broke, which is a failure
+                pytest.fail(f"the refused-writes script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         pytest.skip(f"cannot mount in a private namespace here: {proc.stderr.strip()[-300:]}")
     finally:
         os.rmdir(root)
