@@ -25,33 +25,45 @@ Interface (kept stable; backends may grow):
 
 Errors: a bad URI, a missing bucket, missing permissions or credentials, and transfers that still fail after
 retrying raise :class:`StorageError` with a message naming the URI and the fix (a missing bucket:
-:class:`BucketNotFoundError`, a subclass). A missing file/object raises
-``FileNotFoundError`` (``artifacts.read_manifest`` turns that into ``IncompleteArtifactError``).
+:class:`BucketNotFoundError`, a subclass). So do local writes the disk refuses (read-only, no permission, no
+space left, over quota: ``errors.local_storage_error``), including those of ``local_output``'s body into its
+folder (pyarrow's full-disk error names no file; the staging folder and the output are named for it). A
+missing file/object raises ``FileNotFoundError`` (``artifacts.read_manifest`` turns that into
+``IncompleteArtifactError``). Step CLIs print a StorageError as one line and exit 2 (``common.cli.run_main``).
 
-Retries (gs://): every request is retried with exponential backoff on 408/429/5xx and connection errors
-(google-cloud-storage's ``DEFAULT_RETRY`` predicate). Tunable by environment, read at call time:
-``VLMTUNE_GCS_RETRY_INITIAL_S`` (1.0), ``VLMTUNE_GCS_RETRY_MAX_S`` (32), ``VLMTUNE_GCS_RETRY_DEADLINE_S``
-(300), ``VLMTUNE_GCS_TIMEOUT_S`` (60, per request), ``VLMTUNE_GCS_MAX_WORKERS`` (8 parallel transfers),
-``VLMTUNE_GCS_SLICED_MIN_BYTES`` (256 MiB: objects this big download as parallel byte ranges) and
-``VLMTUNE_GCS_SLICE_BYTES`` (32 MiB). Uploads of big files are one resumable stream each (parallel across
-files): the XML multipart API that ``upload_chunks_concurrently`` needs is missing from fake-gcs-server.
+Retries (gs://): every facade call is one operation (``local_output``'s publish, files and markers, is one
+too), and all its requests share one deadline, ``VLMTUNE_GCS_RETRY_DEADLINE_S`` (300): counted from the
+operation's start and renewed by each request that succeeds, so a dead endpoint fails an operation of any
+number of files once, after the deadline, with an error naming the deadline, the operation, the URI and the
+variable. Each request is retried with exponential backoff on 408/429/5xx and connection errors
+(google-cloud-storage's ``DEFAULT_RETRY`` predicate) while time is left, and waits at most what is left.
+Tunable by environment, read at call time: ``VLMTUNE_GCS_RETRY_INITIAL_S`` (1.0), ``VLMTUNE_GCS_RETRY_MAX_S``
+(32), ``VLMTUNE_GCS_RETRY_DEADLINE_S`` (300), ``VLMTUNE_GCS_TIMEOUT_S`` (60, the most one request waits),
+``VLMTUNE_GCS_MAX_WORKERS`` (8 parallel transfers), ``VLMTUNE_GCS_SLICED_MIN_BYTES`` (256 MiB: objects this big
+download as parallel byte ranges) and ``VLMTUNE_GCS_SLICE_BYTES`` (32 MiB). Uploads of big files are one
+resumable stream each (parallel across files): the XML multipart API that ``upload_chunks_concurrently`` needs
+is missing from fake-gcs-server.
 
 Why local_output stages locally too: a crashed writer must leave nothing a reader would take, on every
-backend. The body writes into a hidden sibling folder (``.NAME.partial-*``, same filesystem); on success its
-files are renamed into place (cheap, no copy) and the markers are linked in last. On a crash the staging
-folder is the only trace, and the target carries no marker.
+backend. The body writes into a hidden sibling folder (``.NAME.partial-*``, same filesystem; for gs:// in the
+temp folder, named after the URI); on success its files are renamed into place (cheap, no copy) and the
+markers are linked in last. On a crash the staging folder is the only trace, and the target carries no
+marker; a writer killed outright (SIGKILL) cannot remove it, so the next writer of the same output does,
+judging by a lock the dead writer no longer holds (``staging.py``); a live writer's folder is never touched.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from components.common.storage.backend import Backend, Location
-from components.common.storage.errors import BucketNotFoundError, StorageError
+from components.common.storage.errors import BucketNotFoundError, StorageError, free_space, local_storage_error
 from components.common.storage.gcs import GcsBackend
 from components.common.storage.local import LocalBackend
 
@@ -293,6 +305,25 @@ def _marker_conflict(uri: str, marker: str) -> str:
     )
 
 
+def _refused_in_body(exc: OSError, shown: str, staging: Path, *, remote: bool) -> StorageError | None:
+    """A StorageError for a write the disk refused in local_output's body (full, read-only; no permission
+    inside the staging folder), naming the file, or the staging folder when the OSError names none."""
+    inside = exc.filename is not None and Path(os.path.abspath(exc.filename)).is_relative_to(staging)
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not inside:
+        return None  # e.g. a permission error on something the body reads: not the output's storage
+    fix = None
+    if remote:
+        fix = (f"{shown} is staged in the temp folder before it is uploaded: set TMPDIR to a folder on a disk "
+               f"with room for the whole output, then re-run the step.")
+    action = f"local_output({shown!r}): writing the output into its staging folder {str(staging)!r}"
+    refused = local_storage_error(exc, action, exc.filename if exc.filename is not None else staging, fix=fix)
+    if refused is not None and exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The OSError names no file: the write may also have gone elsewhere; say what the temp folder has too.
+        tmp = tempfile.gettempdir()
+        refused = StorageError(f"{refused} (The error named no file; the temp folder {tmp!r} has {free_space(tmp)}.)")
+    return refused
+
+
 @contextlib.contextmanager
 def local_output(uri: str, *, last: tuple[str, ...] = (MANIFEST,)) -> Iterator[Path]:
     """A local folder whose contents end up at ``uri`` when the body finishes without error.
@@ -316,9 +347,16 @@ def local_output(uri: str, *, last: tuple[str, ...] = (MANIFEST,)) -> Iterator[P
     # Locally the conflict message names the folder on disk (file:// stripped), on gs:// the URI as given.
     shown = uri if is_remote(uri) else loc.path
     with backend.staging(loc, markers) as staging:
-        yield staging
-        backend.publish(staging, loc, markers)
-        for m, marker_loc in zip(markers, marker_locs):  # last, create-only
-            src = staging / m
-            if src.is_file() and not backend.write_if_absent(marker_loc, src.read_bytes()):
-                raise StorageError(_marker_conflict(shown, m))
+        try:
+            yield staging
+        except OSError as e:  # the body's own writes into the folder: a full or read-only disk is ours to explain
+            refused = _refused_in_body(e, shown, staging, remote=is_remote(uri))
+            if refused is None:
+                raise
+            raise refused from e
+        with backend.operation("publish", loc):  # the files and the markers: one deadline
+            backend.publish(staging, loc, markers)
+            for m, marker_loc in zip(markers, marker_locs):  # last, create-only
+                src = staging / m
+                if src.is_file() and not backend.write_if_absent(marker_loc, src.read_bytes()):
+                    raise StorageError(_marker_conflict(shown, m))

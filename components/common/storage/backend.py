@@ -19,6 +19,10 @@ class Location(NamedTuple):
 
 
 class Backend(Protocol):
+    def operation(self, op: str, loc: Location) -> ContextManager[object]:
+        """Run the block as one operation named ``op`` on ``loc``: on gs:// its requests share one deadline
+        (``VLMTUNE_GCS_RETRY_DEADLINE_S``); each method call is an operation of its own unless one is open."""
+
     def read_bytes(self, loc: Location) -> bytes:
         """The file's bytes; FileNotFoundError if there is none, StorageError for a folder."""
 

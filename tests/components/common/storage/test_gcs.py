@@ -435,3 +435,157 @@ def test_emulator_killed_mid_write_marks_nothing_complete(tmp_path, monkeypatch)
     finally:
         proxy.stop()
         emulator.kill()
+
+
+# ------------------------------------------------------------------------------------ dead endpoint
+
+DEAD_DEADLINE_S = 1.0
+#: What a failing operation may take beyond its deadline: the last backoff/request is cut at the deadline, then
+#: the error is built (a second or so of slack for a loaded 2-core machine).
+DEAD_MARGIN_S = 1.5
+
+
+@pytest.fixture
+def dead_endpoint(tmp_path, monkeypatch):
+    """A private emulator behind the fault proxy, holding a 20-file tree at gs://dead/tree; ``kill(mode)`` makes
+    the endpoint dead: "killed" (the emulator SIGKILLed: the proxy answers 502) or "blackhole" (connections are
+    accepted, requests never answered). The default backoff and per-request timeout (60 s), 2 parallel
+    transfers: with per-file deadlines the 20 files would need ~10 deadlines one after the other."""
+    from tests.fault_proxy import FaultProxy
+    from tests.fixtures_gcs import start_fake_gcs
+
+    for k in ("VLMTUNE_GCS_RETRY_INITIAL_S", "VLMTUNE_GCS_RETRY_MAX_S", "VLMTUNE_GCS_TIMEOUT_S"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VLMTUNE_GCS_RETRY_DEADLINE_S", str(DEAD_DEADLINE_S))
+    monkeypatch.setenv("VLMTUNE_GCS_MAX_WORKERS", "2")
+    emulator = start_fake_gcs()
+    proxy = FaultProxy(emulator.url).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    gcs.client.cache_clear()
+    gcs.client().create_bucket("dead")
+    files = make_tree(tmp_path / "src", n=20)
+    storage.upload_dir(tmp_path / "src", "gs://dead/tree")
+
+    def kill(mode: str) -> None:
+        if mode == "killed":
+            emulator.kill()
+        else:
+            proxy.slow_s = 30.0  # far past the deadline and its margin
+            proxy.set_rates(slow=1.0)
+
+    try:
+        yield {"src": tmp_path / "src", "files": files, "kill": kill, "proxy": proxy}
+    finally:
+        proxy.stop()
+        emulator.kill()
+        gcs.client.cache_clear()
+
+
+def _fails_within_deadline(call, op_and_uri: str) -> tuple[float, str]:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as e:
+        call()
+    took = time.monotonic() - started
+    msg = str(e.value)
+    assert took < DEAD_DEADLINE_S + DEAD_MARGIN_S, f"{op_and_uri} took {took:.1f}s: {msg}"
+    assert took > DEAD_DEADLINE_S * 0.9, f"{op_and_uri} gave up after {took:.1f}s, before its deadline: {msg}"
+    assert f"VLMTUNE_GCS_RETRY_DEADLINE_S={DEAD_DEADLINE_S:g}" in msg and op_and_uri in msg, msg
+    assert "raise VLMTUNE_GCS_RETRY_DEADLINE_S" in msg, msg  # the fix is named
+    return took, msg
+
+
+@pytest.mark.parametrize("mode", ["killed", "blackhole"])
+def test_dead_endpoint_fails_each_operation_within_one_deadline(dead_endpoint, tmp_path, mode):
+    """Every operation on a dead endpoint fails after one deadline, however many files (and requests) it has;
+    a blackhole too (each request's timeout is what is left of the deadline, not VLMTUNE_GCS_TIMEOUT_S)."""
+    dead_endpoint["kill"](mode)
+    names = sorted(dead_endpoint["files"])
+    _, msg = _fails_within_deadline(lambda: storage.upload_dir(dead_endpoint["src"], "gs://dead/up"),
+                                    "upload gs://dead/up")
+    assert "21 of 21 files still failed" in msg, msg
+    _, msg = _fails_within_deadline(
+        lambda: storage.download_files([f"gs://dead/tree/{n}" for n in names], tmp_path / "dl"),
+        "download 21 files like gs://dead/tree/")
+    assert "21 of 21 files still failed" in msg, msg
+    if mode == "blackhole":
+        return  # the rest waits the same way: once is enough to show the cap on request timeouts
+
+    def use_input() -> None:
+        with storage.local_input("gs://dead/tree"):
+            pytest.fail("no input: the body must not run")
+
+    _fails_within_deadline(lambda: storage.download_dir("gs://dead/tree", tmp_path / "dd"), "download gs://dead/tree")
+    _fails_within_deadline(lambda: storage.delete("gs://dead/tree"), "delete gs://dead/tree")
+    _fails_within_deadline(use_input, "download gs://dead/tree")
+
+
+def test_local_output_publish_on_a_dead_endpoint_fails_within_one_deadline(dead_endpoint):
+    """The endpoint dies while the body runs: publishing 21 files and the marker shares one deadline, and the
+    time the body took is not counted."""
+    import time
+
+    def publish() -> None:
+        with storage.local_output("gs://dead/out") as folder:
+            make_tree(folder, n=20)
+            artifacts.write_manifest(str(folder), {"kind": "model"})
+            time.sleep(DEAD_DEADLINE_S)  # a body longer than the deadline: not part of the operation
+            dead_endpoint["kill"]("killed")
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as e:
+        publish()
+    took = time.monotonic() - started - DEAD_DEADLINE_S
+    assert DEAD_DEADLINE_S * 0.9 < took < DEAD_DEADLINE_S + DEAD_MARGIN_S, (took, str(e.value))
+    assert "publish gs://dead/out" in str(e.value), str(e.value)
+    assert f"VLMTUNE_GCS_RETRY_DEADLINE_S={DEAD_DEADLINE_S:g}" in str(e.value), str(e.value)
+
+
+def test_deadline_is_renewed_by_progress(gcs_fault_proxy, gcs_bucket, tmp_path, monkeypatch):
+    """A healthy transfer longer than the deadline does not fail at its first transient error: each request
+    that succeeds renews the operation's deadline (it counts time without progress)."""
+    import time
+
+    monkeypatch.setenv("VLMTUNE_GCS_RETRY_DEADLINE_S", "1.0")
+    monkeypatch.setenv("VLMTUNE_GCS_MAX_WORKERS", "2")
+    make_tree(tmp_path / "src", n=20)
+    gcs_fault_proxy.slow_s = 0.15
+    gcs_fault_proxy.set_rates(slow=1.0)  # 21 uploads, two at a time: ~1.6 s, longer than the deadline
+
+    def late_errors(seq: int) -> None:
+        if seq == 15:
+            gcs_fault_proxy.inject("503", 2)
+
+    gcs_fault_proxy.on_request = late_errors
+    started = time.monotonic()
+    storage.upload_dir(tmp_path / "src", f"gs://{gcs_bucket}/long")
+    assert time.monotonic() - started > 1.0 and gcs_fault_proxy.faults["503"] == 2
+    gcs_fault_proxy.heal()
+    assert read_tree(storage.download_dir(f"gs://{gcs_bucket}/long", tmp_path / "dst")) == read_tree(tmp_path / "src")
+
+
+def test_rerun_removes_the_local_staging_of_a_killed_gs_writer(gcs_bucket, tmp_path, monkeypatch):
+    """A gs:// output is staged in the temp folder; a writer killed there leaves its folder, which the next
+    writer of the same URI removes (as next to a local output: tests/.../test_staging.py)."""
+    import signal
+    import tempfile
+
+    from tests.components.common.storage.test_staging import partial, start_writer
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    uri = f"gs://{gcs_bucket}/artifacts/staged"
+    killed, folder, _ = start_writer(uri, tmp_path, "killed", env={"TMPDIR": str(tmp)})
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    assert folder.parent == tmp and folder.name.startswith("vlmtune-out-") and len(list(folder.iterdir())) == 5
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    other = f"gs://{gcs_bucket}/artifacts/other"
+    with storage.local_output(other) as f:  # another output's writer leaves it alone
+        (f / "x").write_text("x")
+    assert folder.is_dir()
+    with storage.local_output(uri) as f:
+        (f / "x").write_text("x")
+        artifacts.write_manifest(str(f), {"kind": "k"})
+    assert artifacts.is_complete(uri) and partial(tmp, "vlmtune-out-") == []

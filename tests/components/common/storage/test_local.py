@@ -282,3 +282,256 @@ def test_hash_files(root):
     storage.write_bytes(b, b"2")
     assert artifacts.hash_files([a, b]) != artifacts.hash_files([b, a])
     assert artifacts.hash_files([a, b]) == artifacts.hash_files([a, b])
+
+
+# ------------------------------------------------------------------------------- refused writes (real)
+
+REFUSED_SCRIPT = r'''
+import json, os, sys
+from pathlib import Path
+import pyarrow as pa, pyarrow.parquet as pq
+from components.common import artifacts, storage
+from components.common.cli import run_main
+
+root = Path(sys.argv[1])
+out = {}
+
+def attempt(case, fn):
+    try:
+        fn()
+        out[case] = {"error": None}
+    except Exception as e:
+        out[case] = {"error": type(e).__name__, "storage": isinstance(e, storage.StorageError), "msg": str(e)}
+
+def publish(uri, body):
+    with storage.local_output(uri) as folder:
+        body(folder)
+        artifacts.write_manifest(str(folder), {"kind": "test"})
+
+def small(folder):
+    (folder / "x.bin").write_bytes(b"x")
+
+def big_parquet(folder):  # what prepare-data's shard writer does; pyarrow's error names no file
+    pq.write_table(pa.table({"x": [os.urandom(1000) for _ in range(1000)]}), folder / "part-0.parquet")
+
+src, big_src = root / "src", root / "big-src"
+for d, size in ((src, 100), (big_src, 600_000)):
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "f.bin").write_bytes(os.urandom(size))
+
+ro = root / "ro"
+attempt("ro/write_bytes", lambda: storage.write_bytes(str(ro / "a.bin"), b"x"))
+attempt("ro/write_if_absent", lambda: storage.write_if_absent(str(ro / "claim"), b"x"))
+attempt("ro/local_output", lambda: publish(str(ro / "existing"), small))
+attempt("ro/upload_dir", lambda: storage.upload_dir(src, str(ro / "up")))
+out["ro/exit"] = run_main(lambda: storage.write_bytes(str(ro / "a.bin"), b"x"), prefix="step")
+
+full = root / "full"
+attempt("full/write_bytes", lambda: storage.write_bytes(str(full / "big.bin"), os.urandom(600_000)))
+attempt("full/write_if_absent", lambda: storage.write_if_absent(str(full / "claim"), os.urandom(600_000)))
+attempt("full/local_output", lambda: publish(str(full / "out"), big_parquet))
+attempt("full/upload_dir", lambda: storage.upload_dir(big_src, str(full / "up")))
+out["full/left"] = sorted(p.name for p in full.rglob("*") if ".tmp-" in p.name or ".partial-" in p.name)
+
+try:  # no permission: only as another user than root (root writes through any mode bits)
+    os.setgid(65534)
+    os.setuid(65534)
+except OSError as e:
+    out["denied/skipped"] = str(e)
+else:
+    locked = root / "locked"
+    attempt("denied/write_bytes", lambda: storage.write_bytes(str(locked / "a.bin"), b"x"))
+    attempt("denied/write_if_absent", lambda: storage.write_if_absent(str(locked / "claim"), b"x"))
+    attempt("denied/local_output", lambda: publish(str(locked / "out"), small))
+    attempt("denied/upload_dir", lambda: storage.upload_dir(src, str(locked / "up")))
+print("RESULT " + json.dumps(out))
+'''
+
+MOUNTS = r'''set -e
+mount -t tmpfs -o size=16m,mode=0755 tmpfs "$1"
+mkdir -p "$1/ro-src/existing" "$1/ro" "$1/full" "$1/locked"
+echo old > "$1/ro-src/existing/x.bin"
+mount --bind "$1/ro-src" "$1/ro"
+mount -o remount,bind,ro "$1/ro"
+mount -t tmpfs -o size=256k tmpfs "$1/full"
+chmod 0777 "$1"; chmod 0555 "$1/locked"
+echo MOUNTED
+shift
+exec "$@"
+'''
+
+
+@pytest.fixture(scope="module")
+def refused_writes() -> dict:
+    """Every storage write against a real read-only bind mount, a real full tmpfs (256 KiB) and, as uid
+    65534, a real folder without write permission; each in a private mount namespace (`unshare --mount`), so
+    nothing is mounted outside this one child process. Skips where mounts cannot be made (no root, no
+    user namespaces); the simulated tests below cover the same errors everywhere."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if not shutil.which("unshare"):
+        pytest.skip("no `unshare`: cannot make a private read-only or full mount here")
+    # Directly in /tmp (not pytest's 0700 tree) so that uid 65534 can reach it; empty again afterwards.
+    root = tempfile.mkdtemp(prefix="vlmtune-refused-", dir="/tmp")
+    os.chmod(root, 0o755)
+    repo = Path(__file__).resolve().parents[4]
+    env = {**os.environ, "PYTHONPATH": str(repo), "VLMTUNE_LOG_LEVEL": "ERROR"}
+    try:
+        for userns in ([], ["--user", "--map-root-user"]):
+            proc = subprocess.run(
+                ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c", MOUNTS, "mounts", root,
+                 sys.executable, "-c", REFUSED_SCRIPT, root],
+                capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line:
+                return json.loads(line[len("RESULT "):])
+            if "MOUNTED" in proc.stdout:  # the mounts worked: the script itself broke, which is a failure
+                pytest.fail(f"the refused-writes script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        pytest.skip(f"cannot mount in a private namespace here: {proc.stderr.strip()[-300:]}")
+    finally:
+        os.rmdir(root)
+
+
+@pytest.mark.parametrize("op", ["write_bytes", "write_if_absent", "local_output", "upload_dir"])
+def test_read_only_storage_is_a_clear_error(refused_writes, op):
+    got = refused_writes[f"ro/{op}"]
+    assert got["storage"], got  # a StorageError: the step's CLI prints one line and exits 2
+    assert "read-only file system" in got["msg"] and "/ro/" in got["msg"], got["msg"]
+    assert "/ro')" in got["msg"], got["msg"]  # the mount point: a bind mount of the same device, found all the same
+    assert "Mount that volume read-write" in got["msg"], got["msg"]
+
+
+def test_read_only_storage_exits_2_through_run_main(refused_writes):
+    assert refused_writes["ro/exit"] == 2
+
+
+@pytest.mark.parametrize("op", ["write_bytes", "write_if_absent", "local_output", "upload_dir"])
+def test_full_storage_is_a_clear_error_naming_the_path(refused_writes, op):
+    got = refused_writes[f"full/{op}"]
+    assert got["storage"], got
+    msg = got["msg"]
+    assert "no space left on device" in msg and "/full/" in msg, msg  # the path, though the OSError had none
+    assert "free of 256.0 KiB on the file system mounted at" in msg and "/full')" in msg, msg
+    assert "Free space there" in msg, msg
+    if op != "local_output":  # what was being written, when storage knows it
+        assert "writing 585.9 KiB" in msg, msg
+    if op == "local_output":  # pyarrow's own error: the staging folder and the output are named for it
+        assert "local_output(" in msg and "/full/out" in msg and ".out.partial-" in msg, msg
+    assert refused_writes["full/left"] == []  # no temp file, staging folder or lock file left behind
+
+
+@pytest.mark.parametrize("op", ["write_bytes", "write_if_absent", "local_output", "upload_dir"])
+def test_storage_without_permission_is_a_clear_error(refused_writes, op):
+    if "denied/skipped" in refused_writes:
+        pytest.skip(f"cannot run as another user here: {refused_writes['denied/skipped']}")
+    got = refused_writes[f"denied/{op}"]
+    assert got["storage"], got
+    msg = got["msg"]
+    assert "permission denied" in msg and "/locked/" in msg and "uid 65534" in msg, msg
+    assert "Give that user write access to" in msg and "/locked'" in msg, msg
+
+
+# -------------------------------------------------------------------------- refused writes (simulated)
+# The same errors raised at the os-level calls storage makes (monkeypatched), so they are checked where
+# mounts cannot be made too, and the publish step itself (renames) can be refused.
+
+def _raiser(err: int, with_name: bool = True):
+    import os
+
+    def fail(*args, **kwargs):
+        raise OSError(err, os.strerror(err), *( [str(args[0])] if with_name and args else []))
+
+    return fail
+
+
+def test_full_disk_on_write_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    monkeypatch.setattr(os, "fsync", _raiser(errno.ENOSPC, with_name=False))  # as a real full disk: no file name
+    for call, what in ((storage.write_bytes, "write"), (storage.write_if_absent, "create-only write")):
+        target = tmp_path / "data" / f"{what.replace(' ', '-')}.bin"
+        with pytest.raises(StorageError) as e:
+            call(str(target), b"x" * 1000)
+        msg = str(e.value)
+        assert msg.startswith(f"{what} {str(target)!r}: no space left on device on the device holding {str(target)!r}")
+        assert "free of" in msg and "Free space there" in msg, msg
+    assert leftovers(tmp_path) == []
+
+
+def test_read_only_folder_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"f")
+    monkeypatch.setattr(os, "mkdir", _raiser(errno.EROFS))
+    with pytest.raises(StorageError, match=r"read-only file system.*Mount that volume read-write"):
+        storage.write_bytes(str(tmp_path / "new" / "a.bin"), b"x")
+    with pytest.raises(StorageError, match=r"upload_dir\(.*read-only file system"):
+        storage.upload_dir(src, str(tmp_path / "elsewhere" / "up"))
+    monkeypatch.undo()
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (_raiser(errno.EROFS)(path) if ".partial-" in str(path)
+                                                          else real_open(path, *a, **k)))
+    with pytest.raises(StorageError) as e:
+        with storage.local_output(str(tmp_path / "out")):
+            pytest.fail("the body must not run when the output cannot be staged")
+    assert f"local_output({str(tmp_path / 'out')!r}): {str(tmp_path / 'out')!r} is on a read-only file system" in str(e.value)
+
+
+def test_publish_refused_is_a_clear_error_and_marks_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    uri = str(tmp_path / "out")
+    with pytest.raises(StorageError) as e:
+        with storage.local_output(uri) as folder:
+            (folder / "data.bin").write_bytes(b"d")
+            artifacts.write_manifest(str(folder), {"kind": "k"})
+            monkeypatch.setattr(os, "replace", _raiser(errno.EACCES))  # the renames into place are refused
+    msg = str(e.value)
+    assert f"publish local_output({uri!r}): permission denied on {uri!r}" in msg and "data.bin" in msg, msg
+    assert "Give that user write access" in msg
+    monkeypatch.undo()
+    assert not artifacts.is_complete(uri) and leftovers(tmp_path) == []
+
+
+def test_full_disk_in_local_output_body_names_the_output(tmp_path):
+    import errno
+    import os
+
+    uri = str(tmp_path / "out")
+    with pytest.raises(StorageError) as e:
+        with storage.local_output(uri) as folder:
+            (folder / "part-0.parquet").write_bytes(b"p")
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    msg = str(e.value)
+    assert f"local_output({uri!r}): writing the output into its staging folder" in msg and ".out.partial-" in msg
+    assert "no space left on device" in msg and "the temp folder" in msg, msg
+    assert not artifacts.is_complete(uri) and leftovers(tmp_path) == []
+    with pytest.raises(PermissionError):  # the body's own errors about other things pass through unchanged
+        with storage.local_output(uri):
+            raise PermissionError(errno.EACCES, "Permission denied", "/etc/some-input")
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_on_copy_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.bin").write_bytes(b"f")
+    monkeypatch.setattr(shutil, "copy2", _raiser(errno.ENOSPC, with_name=False))
+    target = tmp_path / "up"
+    with pytest.raises(StorageError) as e:
+        storage.upload_dir(src, str(target))
+    assert f"no space left on device on the device holding {str(target / 'sub' / 'f.bin')!r}" in str(e.value)
+    with pytest.raises(StorageError, match="no space left on device"):
+        storage.download_dir(str(src), tmp_path / "down")  # copytree would have hidden it in a shutil.Error
