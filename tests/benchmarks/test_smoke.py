@@ -52,3 +52,23 @@ def test_train_throughput_runs_and_prints_a_ratio(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["ratio"] > 0 and set(summary["padded_tokens_per_real_token"]) == {"seed", "seed_no_gc", "ours"}
     assert summary["ours"]["real_tokens"] == summary["seed"]["real_tokens"]  # same rows, same tokens
+
+
+def test_readme_figures_render_every_row_from_saved_results(tmp_path, monkeypatch):
+    """The README's benchmark table comes from the benchmarks' own JSON lines: render it from saved results."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import readme_figures
+
+    monkeypatch.setattr(readme_figures, "RESULTS", tmp_path)
+    record = {"command": "python benchmarks/generate.py", "date": "2026-12-03", "cores": 2, "load_average_at_start": 1.0,
+              "result": {"rows": 78, "batch_size": 16, "batched_samples_per_s": 7.58, "one_by_one_samples_per_s": 1.42,
+                         "ratio": 5.34, "answers_identical": True, "answers_differing": 0}}
+    (tmp_path / "generate.json").write_text(json.dumps(record))
+    table = readme_figures.render()
+    assert "| batched generation (78 rows, batch 16) | 7.58 samples/s | one prompt at a time: 1.42 samples/s | " \
+           "**5.34x** (identical answers) | `python benchmarks/generate.py` (2026-12-03, 2 cores, load 1.0) |" in table
+    assert "| prepare_data | not measured yet |" in table  # a missing result is said, never invented
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{readme_figures.START}\nold\n{readme_figures.END}\nrest\n")
+    readme_figures.write_readme(table, readme)
+    assert readme.read_text() == f"intro\n{table}\nrest\n"
