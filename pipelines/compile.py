@@ -137,7 +137,16 @@ def target_settings(target: str, settings_file: str | None = None, overrides: di
     values = yaml.safe_load(text) or {}
     values.update(overrides or {})
     kube = values.pop("kubernetes", None)
+    launch = values.pop("launch", None) or {}
+    if launch.get("launcher", target) != target:
+        raise ValueError(f"launch.launcher: {launch['launcher']!r} in the {target} settings; leave it out, compile sets it "
+                         f"to the target ({target})")
+    if launch:
+        from components.common.launch import LaunchSettings
+
+        LaunchSettings.from_dict(launch)  # unknown keys refused now, not when a run reaches sft
     settings = PipelineSettings.from_dict(values)
+    settings.launch = {**launch, "launcher": target}
     if target == "vertex":
         if kube:
             raise ValueError("a `kubernetes:` section is Kubeflow-only: Vertex AI takes a single-document spec "

@@ -22,6 +22,8 @@ from pipelines.images import default_registry_prefix, default_tag, image_for
 from pipelines.steps import STEPS
 
 PIPELINE_NAME = "vlmtune"
+#: Steps that train on several nodes by launching a job when their config says nodes > 1.
+LAUNCHING_STEPS = ("sft", "dpo")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class PipelineSettings:
     #: Scheduled retraining: stop after data preparation when the data equals the champion's training data.
     skip_unchanged_data: bool = False
     resources: dict[str, StepResources] = field(default_factory=dict)
+    #: How sft/dpo launch a multi-node job (`nodes > 1`): the target's `launch:` settings
+    #: (components.common.launch.LaunchSettings), handed to those steps as $VLMTUNE_LAUNCH; empty: launcher local.
+    launch: dict[str, Any] = field(default_factory=dict)
     #: Called as task_hook(task, step) after the generic settings, for target-specific task config that has no
     #: place in the spec both targets share (pipelines.compile installs kfp-kubernetes node selectors,
     #: tolerations and secrets here for Kubeflow; Vertex leaves it None so its spec stays one document).
@@ -98,6 +103,14 @@ def _configure(task, step: str, settings: PipelineSettings, display_name: str):
             task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.accelerator_count)
         if res.retries:
             task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
+    if settings.launch and step in LAUNCHING_STEPS:
+        import json
+
+        from components.common.launch import LAUNCH_ENV
+
+        launch = {"accelerator_type": (res.accelerator_type if res else None) or "", **settings.launch,
+                  "image": settings.image(step)}
+        task.set_env_variable(LAUNCH_ENV, json.dumps(launch, sort_keys=True))
     if settings.task_hook:
         settings.task_hook(task, step)
     return task

@@ -14,7 +14,16 @@ def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoi
 
     with reported_failure(rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),)):
         settings = build_config(DPOStepConfig, dict(config))
-        manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
+        if settings.nodes > 1:
+            # One multi-node job on the engine this pipeline runs on (set by `vlmtune compile`), the same CLI on every
+            # node; it publishes the model at this artifact's URI and this step hands on its manifest.
+            from components.common.launch import launch_training
+
+            manifest = launch_training("dpo", dict(config), settings.nodes, settings.gpus_per_node,
+                                       inputs=[("--dataset", dataset.uri), ("--sft-model", sft_model.uri)],
+                                       output_uri=model.uri, checkpoint_uri=checkpoint_uri or None)
+        else:
+            manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
     model.metadata.update({"stage": "dpo", "base_model": manifest["base_model"], "content_hash": manifest["content_hash"]})
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -14,7 +14,16 @@ def sft(dataset: Input[Dataset], base_model: str, config: dict, checkpoint_uri: 
 
     with reported_failure(rules=(ErrorRule((TooManyRowsOverBudgetError,), EXIT_DATA),)):
         settings = build_config(SFTStepConfig, {**config, "base_model": base_model})
-        manifest = run(settings, dataset.path, model.path, checkpoint_uri or None)
+        if settings.nodes > 1:
+            # One multi-node job on the engine this pipeline runs on (set by `vlmtune compile`), the same CLI on every
+            # node; it publishes the model at this artifact's URI and this step hands on its manifest.
+            from components.common.launch import launch_training
+
+            manifest = launch_training("sft", {**config, "base_model": base_model}, settings.nodes, settings.gpus_per_node,
+                                       inputs=[("--dataset", dataset.uri)], output_uri=model.uri,
+                                       checkpoint_uri=checkpoint_uri or None)
+        else:
+            manifest = run(settings, dataset.path, model.path, checkpoint_uri or None)
     model.metadata.update({"stage": "sft", "base_model": base_model, "content_hash": manifest["content_hash"]})
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -42,6 +42,8 @@ class TrainingConfig:
     merge_adapter: bool = field(default=False, metadata={"help": "Also write a merged full model (base reloaded in full precision)."})
     cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: torch's default). Tiny models train fastest on 1."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless you trust it)."})
+    nodes: int = field(default=1, metadata={"help": "Machines to train on. 1: in the step's own container; >1: the step launches one multi-node job (Vertex AI CustomJob / Kubeflow TrainJob) and waits."})
+    gpus_per_node: int = field(default=1, metadata={"help": "GPUs (torchrun processes) per node of a launched multi-node job; nodes=1 uses the step's own container as it is."})
 
     def resolved_quantization(self) -> str:
         if self.quantization:
@@ -60,7 +62,7 @@ class TrainingConfig:
             problems.append("method=full cannot train quantised weights; use quantization=none or method=qlora")
         if self.method == "qlora" and self.resolved_quantization() == "none":
             problems.append("method=qlora needs quantization 4bit or 8bit; use method=lora for a full-precision base")
-        for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
+        for name in ("nodes", "gpus_per_node", "lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.learning_rate < 1:
