@@ -267,7 +267,14 @@ def test_terraform_grants_only_the_narrow_roles():
     roles = re.findall(r'role\s*=\s*"([^"]+)"', text)
     assert sorted(set(roles)) == ["roles/aiplatform.user", "roles/artifactregistry.reader",
                                   "roles/artifactregistry.writer", "roles/iam.serviceAccountUser",
-                                  "roles/storage.objectAdmin"]
+                                  "roles/secretmanager.secretAccessor", "roles/storage.objectAdmin"]
+    # Multi-node training: the pipeline account submits CustomJobs that run as itself (actAs on itself only), and
+    # reads the one hub-token secret when one is named.
+    acts_as_itself = re.search(r'resource "google_service_account_iam_member" "pipeline_acts_as_itself" \{(.*?)^\}', text, re.M | re.S)
+    assert acts_as_itself and "service_account_id = google_service_account.pipeline.name" in acts_as_itself.group(1)
+    assert "member             = google_service_account.pipeline.member" in acts_as_itself.group(1)
+    secret = re.search(r'resource "google_secret_manager_secret_iam_member" "pipeline_reads_hub_token" \{(.*?)^\}', text, re.M | re.S)
+    assert secret and 'count     = var.hub_token_secret_id != "" ? 1 : 0' in secret.group(1)
     # Project-wide grants: only Vertex AI use (no resource-level role exists for it).
     project_grants = re.findall(r'resource "google_project_iam_member".*?role\s*=\s*"([^"]+)"', text, re.S)
     assert project_grants == ["roles/aiplatform.user"]
@@ -299,10 +306,25 @@ def test_overlay_renders_with_kubectl_kustomize():
     cmd = [kubectl, "kustomize" if kubectl.endswith("kubectl") else "build", str(KUBEFLOW / "overlays/gke-gpu")]
     docs = list(yaml.safe_load_all(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
     by_kind = {d["kind"]: d for d in docs}
-    assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "Secret", "PodDefault"}
+    assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "Secret", "PodDefault", "TrainingRuntime",
+                            "ClusterRole", "ClusterRoleBinding"}
     namespace = _kustomization(KUBEFLOW / "overlays/gke-gpu")["namespace"]
-    assert {d["metadata"]["namespace"] for d in docs} == {namespace}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] not in cluster_scoped} == {namespace}
+    assert not any("namespace" in d["metadata"] for d in docs if d["kind"] in cluster_scoped)
     assert by_kind["RoleBinding"]["subjects"][0]["namespace"] == namespace
+    assert by_kind["ClusterRoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "vlmtune-pipeline",
+                                                          "namespace": namespace}]
+    # Multi-node training: the pipeline runner creates/follows/deletes TrainJobs and reads runtimes, nothing wider.
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in by_kind["Role"]["rules"]}
+    assert rules[("trainer.kubeflow.org",), ("trainjobs",)] == {"create", "get", "list", "watch", "delete"}
+    assert rules[("trainer.kubeflow.org",), ("trainingruntimes",)] == {"get", "list"}
+    assert "list" in rules[("",), ("pods",)]  # the SDK lists a TrainJob's pods by label
+    assert by_kind["ClusterRole"]["rules"] == [{"apiGroups": ["trainer.kubeflow.org"],
+                                                "resources": ["clustertrainingruntimes"], "verbs": ["get", "list"]}]
+    runtime = by_kind["TrainingRuntime"]
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    assert [j["name"] for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]] == ["node"]
     assert "iam.gke.io/gcp-service-account" in by_kind["ServiceAccount"]["metadata"]["annotations"]
     for rule in by_kind["Role"]["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]

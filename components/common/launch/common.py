@@ -144,14 +144,14 @@ def torchrun_argv(environ: Mapping[str, str], nproc_per_node: int, script: list[
     """torchrun's command line for this node, from the cluster environment the engine set.
 
     - Kubeflow Trainer's torch-distributed runtime sets ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
-      ``PET_MASTER_PORT`` (and ``PET_NPROC_PER_NODE``), which torchrun reads itself: no flags are added, so the
-      runtime stays the one source of truth.
+      ``PET_MASTER_PORT``, which torchrun reads itself: only ``--nproc_per_node`` is given (the runtime's own
+      ``PET_NPROC_PER_NODE`` may say ``auto``).
     - Vertex AI sets ``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE`` (the number of nodes) and ``RANK`` (this
       node's index) on each replica of a PyTorch job; with only ``CLUSTER_SPEC`` set they are derived from it.
     """
     if environ.get("PET_NNODES"):
-        nproc = environ.get("PET_NPROC_PER_NODE") or str(nproc_per_node)
-        return ["torchrun", f"--nproc_per_node={nproc}", *script]
+        # The step config's gpus_per_node wins over the runtime's numProcPerNode: it is what the job was sized for.
+        return ["torchrun", "--nproc_per_node", str(nproc_per_node), *script]
     cluster = _vertex_cluster(environ)
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if not cluster.get(k)]
     if missing:

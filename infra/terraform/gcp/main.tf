@@ -145,6 +145,25 @@ resource "google_artifact_registry_repository_iam_member" "pipeline_reads_templa
   member     = google_service_account.pipeline.member
 }
 
+# Multi-node training (sft_config.nodes > 1): the sft/dpo step submits a Vertex AI CustomJob that runs as this same
+# account. aiplatform.customJobs.create is already in roles/aiplatform.user above; submitting a job that runs as a
+# service account also needs iam.serviceAccounts.actAs on that account: here, on itself only.
+resource "google_service_account_iam_member" "pipeline_acts_as_itself" {
+  service_account_id = google_service_account.pipeline.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.pipeline.member
+}
+
+# The hub token for gated models, read by the CustomJob's nodes from Secret Manager (launch.hub_token_secret_version):
+# accessor on that one secret, when one is named. The secret itself (and its value) is made outside Terraform.
+resource "google_secret_manager_secret_iam_member" "pipeline_reads_hub_token" {
+  count     = var.hub_token_secret_id != "" ? 1 : 0
+  project   = var.project_id
+  secret_id = var.hub_token_secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.pipeline.member
+}
+
 # Who may start runs as the pipeline service account (actAs on this one account, not project-wide).
 resource "google_service_account_iam_member" "submitters_act_as_pipeline" {
   for_each           = toset(var.pipeline_submitters)

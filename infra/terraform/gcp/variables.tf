@@ -56,6 +56,12 @@ variable "pipeline_submitters" {
   default     = []
 }
 
+variable "hub_token_secret_id" {
+  description = "Optional Secret Manager secret id (in project_id) holding the hub token for gated models; the pipeline service account gets roles/secretmanager.secretAccessor on it only. Empty: no grant (public models need no token)."
+  type        = string
+  default     = ""
+}
+
 variable "image_pushers" {
   description = "Members allowed to push step images and pipeline templates (roles/artifactregistry.writer on the two repositories only), e.g. a CI service account \"serviceAccount:ci@P.iam.gserviceaccount.com\"."
   type        = list(string)
