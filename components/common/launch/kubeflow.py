@@ -26,7 +26,8 @@ def trainer_and_options(spec: LaunchSpec, settings: LaunchSettings):
                                                      TrainerCommand, TrainingRuntimeSpecPatch)
 
     # accelerator_type is the Kubernetes resource name (nvidia.com/gpu); empty means CPU nodes, one process per CPU slot.
-    resources = {settings.accelerator_type: spec.gpus_per_node} if settings.accelerator_type else {}
+    # A string: the SDK's quantity model turns an int into a float (4 -> 4.0), and extended resources want integers.
+    resources = {settings.accelerator_type: str(spec.gpus_per_node)} if settings.accelerator_type else {}
     if settings.cpu:
         resources["cpu"] = settings.cpu
     if settings.memory:
