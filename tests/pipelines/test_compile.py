@@ -243,3 +243,43 @@ if __name__ == "__main__":  # python -m tests.pipelines.test_compile --update-go
     with tempfile.TemporaryDirectory() as tmp:
         for target in ("vertex", "kubeflow"):
             print(f"wrote {write_golden(target, Path(tmp))}")
+
+
+@pytest.mark.parametrize("target", ["vertex", "kubeflow"])
+def test_only_the_training_steps_get_the_targets_launch_settings(target, tmp_path):
+    """Multi-node sft/dpo learn their engine from $VLMTUNE_LAUNCH, which compile sets from the target's `launch:`."""
+    import json
+
+    from components.common.launch import LAUNCH_ENV, LaunchSettings
+
+    (spec, *_) = compile_docs(target, tmp_path)
+    launch = {}
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        if LAUNCH_ENV in env:
+            launch[name] = LaunchSettings.from_dict(json.loads(env[LAUNCH_ENV]))
+    assert sorted(launch) == ["exec-dpo", "exec-sft"]
+    for settings in launch.values():
+        assert settings.launcher == target
+        assert settings.image == executor_image(spec, "exec-sft")
+        assert settings.accelerator_type == ("NVIDIA_L4" if target == "vertex" else "nvidia.com/gpu")
+        assert settings.problems() == []
+    if target == "kubeflow":
+        assert launch["exec-sft"].runtime == "vlmtune-torch-distributed"
+        assert launch["exec-sft"].hub_token_secret == "vlmtune-hub-token"
+
+
+def executor_image(spec: dict, name: str) -> str:
+    return spec["deploymentSpec"]["executors"][name]["container"]["image"]
+
+
+def test_a_launch_section_naming_another_engine_is_refused(tmp_path):
+    from pipelines.compile import target_settings
+
+    settings = tmp_path / "vertex.yaml"
+    settings.write_text("launch: {launcher: kubeflow}\n")
+    with pytest.raises(ValueError, match="launch.launcher: 'kubeflow' in the vertex settings; leave it out"):
+        target_settings("vertex", str(settings))
+    settings.write_text("launch: {machine: x}\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['machine'\]"):
+        target_settings("vertex", str(settings))

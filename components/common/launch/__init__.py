@@ -8,6 +8,7 @@ Steps may import this room; it imports no step (the step's CLI is named by modul
 """
 from __future__ import annotations
 
+import importlib.util
 import uuid
 from typing import Callable, Mapping
 
@@ -33,6 +34,9 @@ def launch_problems(step: str, nodes: int, settings: LaunchSettings, uris: Mappi
                 f"under kfp.local or `vlmtune {step}`): run the pipeline on Vertex AI or Kubeflow (compiled with "
                 f"`vlmtune compile --target vertex|kubeflow`, which sets the launcher), or set {step}_config.nodes=1"]
     problems = settings.problems(where=f"${LAUNCH_ENV}")
+    if settings.launcher == "kubeflow" and importlib.util.find_spec("kubeflow.trainer") is None:
+        problems.append("the Kubeflow Trainer SDK is not installed in this step's image: pip install 'vlmtune[kubeflow]' "
+                        "(PyPI `kubeflow`), or build the image with it")
     for flag, uri in uris.items():
         if uri and not str(uri).startswith("gs://"):
             problems.append(f"{flag} is {uri!r}: the job's nodes read inputs and write the model by URI, so a "
