@@ -1,8 +1,8 @@
 """Regenerate docker/constraints.txt: exact pins for every package the images install.
 
 The images install the project with `pip install -c constraints.txt`, so they get the versions the test suite ran
-against (pyproject.toml only gives ranges). The pins are the dependency closure of pyproject's `dependencies` as
-installed in the current environment:
+against (pyproject.toml only gives ranges). The pins are the dependency closure of pyproject's `dependencies` and its
+`kubeflow` extra as installed in the current environment:
 
     . .venv/bin/activate && python docker/lock_constraints.py
 
@@ -44,7 +44,9 @@ def dependency_closure(requirements: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # What the images install: the dependencies and the `kubeflow` extra (see the Dockerfiles).
+    deps = project["dependencies"] + project["optional-dependencies"]["kubeflow"]
     pins = dependency_closure(deps)
     body = "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
     (ROOT / "docker" / "constraints.txt").write_text(HEADER + body)
