@@ -36,7 +36,7 @@ def launch_problems(step: str, nodes: int, settings: LaunchSettings, uris: Mappi
     problems = settings.problems(where=f"${LAUNCH_ENV}")
     if settings.launcher == "kubeflow" and importlib.util.find_spec("kubeflow.trainer") is None:
         problems.append("the Kubeflow Trainer SDK is not installed in this step's image: pip install 'vlmtune[kubeflow]' "
-                        "(PyPI `kubeflow`), or build the image with it")
+                        "(PyPI `kubeflow`); the images built by `vlmtune images build` include it")
     for flag, uri in uris.items():
         if uri and not str(uri).startswith("gs://"):
             problems.append(f"{flag} is {uri!r}: the job's nodes read inputs and write the model by URI, so a "
