@@ -1,0 +1,145 @@
+"""Training on several nodes, on this machine: two torchrun launches (``--nnodes 2 --nproc_per_node 1``, a c10d
+rendezvous on localhost, gloo) stand for two nodes, each with its own temporary folder (its own local disk).
+Their adapter equals a one-node, two-process run with the same global batch (bit for bit: the same rows per
+global rank, the same RNG states, and gloo's sum of two gradients is the same whichever rank adds), every
+rank's RNG state reaches the published checkpoint, a resume with another number of processes is refused, and
+a run whose node is killed resumes to the same adapter.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.fixtures_models import TINY_TRAINING
+
+REPO = Path(__file__).resolve().parents[4]
+SETTINGS = {**TINY_TRAINING, "per_device_train_batch_size": 2, "group_by_length": True}
+SLOW_STEPS = '''
+import time
+import transformers.trainer as _t
+_original = _t.Trainer.training_step
+def training_step(self, *args, **kwargs):
+    time.sleep(0.5)
+    return _original(self, *args, **kwargs)
+_t.Trainer.training_step = training_step
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def sft_args(dataset: Path, model: Path, output: Path, checkpoints: Path, **settings) -> list[str]:
+    args = ["-m", "pipelines.cli", "sft", "--dataset", str(dataset), "--output", str(output),
+            "--base-model", str(model), "--checkpoint-uri", str(checkpoints)]
+    for key, value in {**SETTINGS, **settings}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def env_for(tmp: Path, slow: Path | None = None) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "TMPDIR": str(tmp)}  # CPU processes use the gloo backend
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (str(slow) if slow else "", str(REPO), env.get("PYTHONPATH", "")) if p])
+    return env
+
+
+def one_node(args: list[str], tmp: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
+    return subprocess.run(command, cwd=REPO, env=env_for(tmp), capture_output=True, text=True, timeout=600)
+
+
+def start_two_nodes(args: list[str], tmp: Path, slow: Path | None = None) -> list[subprocess.Popen]:
+    """Two torchrun agents, one per "node", meeting at a c10d rendezvous on localhost; each in its own session
+    (so a node can be killed whole) and with its own TMPDIR (its own disk)."""
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", f"test-{port}",
+                   "--max_restarts", "0", *args]
+        log = open(tmp / f"node{node}.log", "w")
+        nodes.append(subprocess.Popen(command, cwd=REPO, env=env_for(tmp / f"node{node}-tmp", slow), stdout=log,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return nodes
+
+
+def wait_all(nodes: list[subprocess.Popen], tmp: Path, timeout: float = 600) -> list[str]:
+    logs = []
+    for i, node in enumerate(nodes):
+        node.wait(timeout=timeout)
+        logs.append((tmp / f"node{i}.log").read_text())
+    return logs
+
+
+def adapter(output: Path) -> dict:
+    return load_file(output / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[0]}: max abs difference " \
+                          f"{float((a[different[0]].float() - b[different[0]].float()).abs().max())}"
+
+
+def rng_files(checkpoint: Path) -> set[str]:
+    return {p.name for p in checkpoint.glob("rng_state*")}
+
+
+def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, prepared_sft, tiny_model_dir):
+    """Default tier: 4 steps, a checkpoint every 2. Global batch 2 rows x 2 processes either way."""
+    reference = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "ref", tmp_path / "ref-ckpt",
+                                  max_steps=4, save_steps=2), tmp_path / "ref-tmp")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    nodes = start_two_nodes(sft_args(prepared_sft, tiny_model_dir, tmp_path / "out", tmp_path / "ckpt",
+                                     max_steps=4, save_steps=2), tmp_path)
+    logs = wait_all(nodes, tmp_path)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert_same_adapter(adapter(tmp_path / "out"), adapter(tmp_path / "ref"))
+    # Each node saved its own rank's RNG state on its own disk; both reached the published checkpoint, which
+    # global rank 0 alone published (one "published" line over both nodes).
+    for step in (2, 4):
+        assert rng_files(tmp_path / "ckpt" / f"checkpoint-{step}") == {"rng_state_0.pth", "rng_state_1.pth"}
+        assert (tmp_path / "ckpt" / f"checkpoint-{step}" / "COMPLETE").exists()
+    assert sum(log.count(f"checkpoint-4 published") for log in logs) == 1
+    # Nothing is left in either node's work folder, and every node's TMPDIR got its own (no sharing).
+    for node in range(2):
+        assert not list((tmp_path / f"node{node}-tmp").glob("vlmtune-sft-*")), f"node {node} left its work folder"
+    import json
+
+    assert json.loads((tmp_path / "ckpt" / "checkpoint-4" / "vlmtune_run_totals.json").read_text())["nodes"] == 2
+
+    # Another number of processes: refused, naming both counts and the fix; nothing trained.
+    (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").unlink()
+    single = subprocess.run([sys.executable, *sft_args(prepared_sft, tiny_model_dir, tmp_path / "single",
+                                                       tmp_path / "ckpt", max_steps=4, save_steps=2)],
+                            cwd=REPO, env=env_for(tmp_path / "single-tmp"), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 2, single.stderr[-3000:]
+    assert "checkpoint-2 was saved by 2 process(es) (2 node(s) x 1 process(es)); this run has 1" in single.stderr
+    assert "Restart with 2 processes in all" in single.stderr and "--checkpoint-uri" in single.stderr
+    assert not (tmp_path / "single" / "manifest.json").exists()
+
+    # The same number of processes on another node layout (1 node x 2): every global rank finds its data share
+    # and RNG state, so it resumes exactly.
+    resumed = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "resumed", tmp_path / "ckpt",
+                                max_steps=4, save_steps=2), tmp_path / "resumed-tmp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    import json as _json
+
+    metrics = _json.loads((tmp_path / "resumed" / "manifest.json").read_text())["metrics"]
+    assert (metrics["resumed_from"], metrics["steps_this_run"]) == ("checkpoint-2", 2)
+    assert_same_adapter(adapter(tmp_path / "resumed"), adapter(tmp_path / "ref"))
