@@ -143,3 +143,90 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, pr
     metrics = _json.loads((tmp_path / "resumed" / "manifest.json").read_text())["metrics"]
     assert (metrics["resumed_from"], metrics["steps_this_run"]) == ("checkpoint-2", 2)
     assert_same_adapter(adapter(tmp_path / "resumed"), adapter(tmp_path / "ref"))
+
+
+BATCH_LOG = '''
+import os
+from components.common.training import collator as _c
+_original = _c.VisionSFTCollator.__call__
+def __call__(self, rows):
+    with open(os.environ["VLMTUNE_TEST_BATCH_LOG"], "a") as f:
+        f.write(f"{os.environ['RANK']} {sum(1 for r in rows if r.get('images'))}\\n")
+    return _original(self, rows)
+_c.VisionSFTCollator.__call__ = __call__
+'''
+FIND_UNUSED_OFF = '''
+import transformers.training_args as _ta
+_original = _ta.TrainingArguments.__post_init__
+def __post_init__(self):
+    self.ddp_find_unused_parameters = False  # what transformers picks for a plain model with activation checkpointing
+    _original(self)
+_ta.TrainingArguments.__post_init__ = __post_init__
+'''
+
+
+def text_only_every_other_row(prepared: Path, out: Path) -> Path:
+    """A copy of a prepared SFT dataset whose even train rows have no image (no image part in the user turn, an
+    empty ``images`` list): the layout ``common/schema.py`` allows. (prepare-data refuses such source rows as
+    ``missing_image`` today; the copy's manifest keeps the source's content_hash, which training only reports.)"""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(prepared, out)
+    for shard in sorted((out / "train").glob("*.parquet")):
+        table = pq.read_table(shard)
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            if i % 2 == 0:
+                row["images"] = []
+                for message in row["messages"]:
+                    message["content"] = [part for part in message["content"] if part["type"] != "image"]
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    return out
+
+
+def mixed_run(tmp_path: Path, dataset: Path, model: Path, name: str, patch: str) -> tuple[subprocess.CompletedProcess, list[tuple[int, int]]]:
+    patches = tmp_path / f"{name}-patches"
+    patches.mkdir()
+    (patches / "sitecustomize.py").write_text(patch)
+    env = {**env_for(tmp_path / f"{name}-tmp", patches), "VLMTUNE_TEST_BATCH_LOG": str(tmp_path / f"{name}-batches.log")}
+    args = sft_args(dataset, model, tmp_path / name, tmp_path / f"{name}-ckpt", max_steps=8, save_steps=100)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    # A hang is the failure this guards against: the timeout turns it into a test failure.
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = tmp_path / f"{name}-batches.log"
+    batches = [tuple(int(x) for x in line.split()) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, batches
+
+
+def test_ranks_whose_batch_has_no_image_do_not_hang_or_fail(tmp_path, prepared_sft, tiny_model_dir):
+    """Two processes (gloo) on a half text-only dataset, 2 rows per process and step, length-grouped (text-only
+    rows are short, so they batch together): some steps give one rank only text while the other has images. The
+    vision connector (trained in full, ``modules_to_save``) then gets a gradient on one rank only; with
+    unused-parameter detection DDP still all-reduces it (a zero from the text-only rank) and the run ends."""
+    mixed = text_only_every_other_row(prepared_sft, tmp_path / "mixed")
+    done, batches = mixed_run(tmp_path, mixed, tiny_model_dir, "out", BATCH_LOG)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The batches of each step, in order per rank (no gradient accumulation: one batch per rank and step).
+    per_rank = {rank: [n for r, n in batches if r == rank] for rank in (0, 1)}
+    steps = list(zip(per_rank[0], per_rank[1]))[:8]
+    assert any((a == 0) != (b == 0) for a, b in steps), f"no step mixed a text-only rank with an image rank: {steps}"
+    manifest = __import__("json").loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["metrics"]["global_steps"] == 8
+
+    # The control: the same run with detection off (transformers' choice for a plain model with activation
+    # checkpointing) fails on the first step a rank had no image, which is what the setting prevents.
+    control, _ = mixed_run(tmp_path, mixed, tiny_model_dir, "control", FIND_UNUSED_OFF)
+    assert control.returncode != 0
+    assert "Expected to have finished reduction in the prior iteration" in control.stderr
+
+
+def test_training_arguments_ask_ddp_to_find_unused_parameters(tiny_model_dir):
+    from components.common.config import build_config
+    from components.common.training.arguments import common_training_arguments
+    from components.sft.config import SFTStepConfig
+
+    config = build_config(SFTStepConfig, {"base_model": str(tiny_model_dir), "gradient_checkpointing": "true"})
+    assert common_training_arguments(config, "/tmp/x", None)["ddp_find_unused_parameters"] is True
