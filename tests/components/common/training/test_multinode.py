@@ -7,6 +7,7 @@ a run whose node is killed resumes to the same adapter.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -119,9 +120,8 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, pr
     # Nothing is left in either node's work folder, and every node's TMPDIR got its own (no sharing).
     for node in range(2):
         assert not list((tmp_path / f"node{node}-tmp").glob("vlmtune-sft-*")), f"node {node} left its work folder"
-    import json
-
-    assert json.loads((tmp_path / "ckpt" / "checkpoint-4" / "vlmtune_run_totals.json").read_text())["nodes"] == 2
+    totals = json.loads((tmp_path / "ckpt" / "checkpoint-4" / "vlmtune_run_totals.json").read_text())
+    assert (totals["nodes"], totals["processes_per_node"], totals["world_size"]) == (2, 1, 2)
 
     # Another number of processes: refused, naming both counts and the fix; nothing trained.
     (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").unlink()
@@ -133,15 +133,77 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, pr
     assert "Restart with 2 processes in all" in single.stderr and "--checkpoint-uri" in single.stderr
     assert not (tmp_path / "single" / "manifest.json").exists()
 
-    # The same number of processes on another node layout (1 node x 2): every global rank finds its data share
-    # and RNG state, so it resumes exactly.
-    resumed = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "resumed", tmp_path / "ckpt",
-                                max_steps=4, save_steps=2), tmp_path / "resumed-tmp")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    import json as _json
 
-    metrics = _json.loads((tmp_path / "resumed" / "manifest.json").read_text())["metrics"]
-    assert (metrics["resumed_from"], metrics["steps_this_run"]) == ("checkpoint-2", 2)
+
+def test_resume_is_refused_for_another_world_size_and_names_both_layouts(tmp_path):
+    from components.common.training.resume import check_same_world_size
+
+    (tmp_path / "checkpoint-6").mkdir()
+    check_same_world_size(tmp_path / "checkpoint-6", {"world_size": 2, "nodes": 2, "processes_per_node": 1}, 2)
+    with pytest.raises(ValueError) as refused:
+        check_same_world_size(tmp_path / "checkpoint-6", {"world_size": 4, "nodes": 2, "processes_per_node": 2}, 2)
+    message = str(refused.value)
+    assert "checkpoint-6 was saved by 4 process(es) (2 node(s) x 2 process(es)); this run has 2" in message
+    assert "Restart with 4 processes in all" in message and "another --checkpoint-uri" in message
+    # A checkpoint saved before the topology was recorded: its RNG files count the processes.
+    for rank in range(2):
+        (tmp_path / "checkpoint-6" / f"rng_state_{rank}.pth").write_bytes(b"")
+    check_same_world_size(tmp_path / "checkpoint-6", {}, 2)
+    with pytest.raises(ValueError, match="saved by 2 process"):
+        check_same_world_size(tmp_path / "checkpoint-6", {}, 1)
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_after_one_node_is_killed(tmp_path, prepared_sft, tiny_model_dir):
+    """12 steps, a checkpoint every 4 (an epoch is 10 steps of 2 x 2 rows, so the resume is inside the second
+    epoch). One node is killed whole (SIGKILL to its torchrun and worker) after checkpoint-4 is published; the
+    other node's torchrun fails on its own; both are started again and end with the uninterrupted adapter. Then
+    the same checkpoints resume on one node with two processes (the same world size), again exactly."""
+
+    args = dict(max_steps=12, save_steps=4)
+    reference = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "ref", tmp_path / "ref-ckpt", **args),
+                         tmp_path / "ref-tmp")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_STEPS)
+    command = sft_args(prepared_sft, tiny_model_dir, tmp_path / "out", tmp_path / "ckpt", **args)
+    first = tmp_path / "first"
+    first.mkdir()
+    nodes = start_two_nodes(command, first, slow)
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt" / "checkpoint-4" / "COMPLETE").exists():
+        assert time.time() < deadline and all(n.poll() is None for n in nodes), \
+            "\n".join((first / f"node{i}.log").read_text()[-2000:] for i in range(2))
+        time.sleep(0.2)
+    os.killpg(nodes[1].pid, signal.SIGKILL)
+    nodes[1].wait(timeout=30)
+    survivor = nodes[0].wait(timeout=300)  # fails by itself: its peer is gone
+    assert survivor != 0
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    published = sorted(int(p.parent.name.split("-")[1]) for p in (tmp_path / "ckpt").glob("checkpoint-*/COMPLETE"))
+    assert published and published[-1] < 12
+    assert rng_files(tmp_path / "ckpt" / f"checkpoint-{published[-1]}") == {"rng_state_0.pth", "rng_state_1.pth"}
+
+    again = tmp_path / "again"
+    again.mkdir()
+    nodes = start_two_nodes(command, again)
+    logs = wait_all(nodes, again)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    metrics = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]
+    assert metrics["resumed_from"] == f"checkpoint-{published[-1]}" and metrics["global_steps"] == 12
+    assert_same_adapter(adapter(tmp_path / "out"), adapter(tmp_path / "ref"))
+    ref_metrics = json.loads((tmp_path / "ref" / "manifest.json").read_text())["metrics"]
+    assert metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], rel=1e-9)
+
+    # Another node layout, the same world size: 1 node x 2 processes resumes the 2-node checkpoint-8 exactly.
+    (tmp_path / "ckpt" / "checkpoint-12" / "COMPLETE").unlink()
+    resumed = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "resumed", tmp_path / "ckpt", **args),
+                       tmp_path / "resumed-tmp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "resumed" / "manifest.json").read_text())["metrics"]
+    assert (metrics["resumed_from"], metrics["steps_this_run"]) == ("checkpoint-8", 4)
     assert_same_adapter(adapter(tmp_path / "resumed"), adapter(tmp_path / "ref"))
 
 
@@ -213,7 +275,7 @@ def test_ranks_whose_batch_has_no_image_do_not_hang_or_fail(tmp_path, prepared_s
     per_rank = {rank: [n for r, n in batches if r == rank] for rank in (0, 1)}
     steps = list(zip(per_rank[0], per_rank[1]))[:8]
     assert any((a == 0) != (b == 0) for a, b in steps), f"no step mixed a text-only rank with an image rank: {steps}"
-    manifest = __import__("json").loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["metrics"]["global_steps"] == 8
 
     # The control: the same run with detection off (transformers' choice for a plain model with activation
