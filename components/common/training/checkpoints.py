@@ -64,9 +64,15 @@ def fetch_checkpoint(checkpoint_uri: str | None, output_dir: Path) -> str | None
 
     In a multi-process run the output_dir is shared by the processes of a node (see ``trainer_work_dir``): local
     rank 0 of every node downloads, the others wait, and all resume from their node's copy (each reads its own
-    ``rng_state_<rank>.pth``)."""
-    latest = latest_complete_checkpoint(checkpoint_uri)
+    ``rng_state_<rank>.pth``). Rank 0 picks the checkpoint and tells the others, so every node resumes the same
+    one even if the listing changed meanwhile."""
     dist = distributed()
+    if dist is None:
+        latest = latest_complete_checkpoint(checkpoint_uri)
+    else:
+        chosen = [latest_complete_checkpoint(checkpoint_uri) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(chosen, src=0)
+        latest = chosen[0]
     local = output_dir / latest.rstrip("/").split("/")[-1] if latest else None
     if latest is not None and (dist is None or is_node_leader()):
         if storage.is_remote(latest) or Path(storage.to_local_path(latest)).resolve() != local.resolve():
