@@ -62,14 +62,19 @@ def one_node(args: list[str], tmp: Path, processes: int = 2) -> subprocess.Compl
     return subprocess.run(command, cwd=REPO, env=env_for(tmp), capture_output=True, text=True, timeout=600)
 
 
-def start_two_nodes(args: list[str], tmp: Path, slow: Path | None = None) -> list[subprocess.Popen]:
-    """Two torchrun agents, one per "node", meeting at a c10d rendezvous on localhost; each in its own session
-    (so a node can be killed whole) and with its own TMPDIR (its own disk)."""
+def start_two_nodes(args: list[str], tmp: Path, slow: Path | None = None, rendezvous: str = "c10d") -> list[subprocess.Popen]:
+    """Two torchrun agents, one per "node", each in its own session (so a node can be killed whole) and with its
+    own TMPDIR (its own disk). ``c10d``: they meet at a c10d rendezvous on localhost, which assigns the node
+    ranks; ``static``: ``--node_rank``/``--master_addr``/``--master_port``, what the Vertex AI launcher
+    (``components/common/launch``) gives torchrun."""
     port = free_port()
     nodes = []
     for node in range(2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                   "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", f"test-{port}",
+        if rendezvous == "c10d":
+            meet = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", f"test-{port}"]
+        else:
+            meet = ["--node_rank", str(node), "--master_addr", "localhost", "--master_port", str(port)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *meet,
                    "--max_restarts", "0", *args]
         log = open(tmp / f"node{node}.log", "w")
         nodes.append(subprocess.Popen(command, cwd=REPO, env=env_for(tmp / f"node{node}-tmp", slow), stdout=log,
@@ -100,14 +105,15 @@ def rng_files(checkpoint: Path) -> set[str]:
     return {p.name for p in checkpoint.glob("rng_state*")}
 
 
-def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, prepared_sft, tiny_model_dir):
-    """Default tier: 4 steps, a checkpoint every 2. Global batch 2 rows x 2 processes either way."""
+@pytest.mark.parametrize("rendezvous", ["c10d", pytest.param("static", marks=pytest.mark.slow)])
+def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path, prepared_sft, tiny_model_dir, rendezvous):
+    """Default tier (c10d): 4 steps, a checkpoint every 2. Global batch 2 rows x 2 processes either way."""
     reference = one_node(sft_args(prepared_sft, tiny_model_dir, tmp_path / "ref", tmp_path / "ref-ckpt",
                                   max_steps=4, save_steps=2), tmp_path / "ref-tmp")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     nodes = start_two_nodes(sft_args(prepared_sft, tiny_model_dir, tmp_path / "out", tmp_path / "ckpt",
-                                     max_steps=4, save_steps=2), tmp_path)
+                                     max_steps=4, save_steps=2), tmp_path, rendezvous=rendezvous)
     logs = wait_all(nodes, tmp_path)
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert_same_adapter(adapter(tmp_path / "out"), adapter(tmp_path / "ref"))
