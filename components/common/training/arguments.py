@@ -39,6 +39,12 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         length_column_name="length",
         include_num_input_tokens_seen="non_padding",
+        # A rank whose batch has no image skips the vision tower and connector, so their parameters get no
+        # gradient there; DDP without unused-parameter detection then fails ("Expected to have finished
+        # reduction in the prior iteration") or waits forever for those buckets. transformers turns detection
+        # off for a plain model with activation checkpointing, so say it here (non-reentrant checkpointing,
+        # above, works with it). Costs one graph walk per synchronised step.
+        ddp_find_unused_parameters=True,
         report_to="none",
         disable_tqdm=True,
     )

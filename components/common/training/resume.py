@@ -14,6 +14,11 @@ resumed epoch that were already trained. Three things it does not restore (trans
   counter starts at 0 in every process. Both are saved beside each checkpoint (``RUN_TOTALS``) and carried on.
 - A run resumed from the checkpoint of its final step trains one step more when its last epoch is not over
   (the stop check runs after a step). :class:`ExactResume` trains nothing then.
+- A resume with another number of processes: the Trainer takes the step count and skips ``step x new batch``
+  rows of the epoch, so rows are trained twice or never, and the ranks without an RNG file draw other streams.
+  The run's topology (nodes, processes per node, world size) is saved beside each checkpoint and a resume with
+  another world size is refused (:func:`check_same_world_size`). Another node layout with the same number of
+  processes (2 nodes x 1 <-> 1 node x 2) keeps every global rank's data share and RNG state: it resumes exactly.
 
 Use ``with_exact_resume(SFTTrainer)`` (or ``DPOTrainer``) in place of the trainer class.
 """
@@ -24,6 +29,8 @@ import json
 import logging
 import os
 from pathlib import Path
+
+from components.common.training.distributed import topology
 
 log = logging.getLogger(__name__)
 RUN_TOTALS = "vlmtune_run_totals.json"
@@ -125,6 +132,7 @@ class ExactResume:
             self.steps_before_resume = int(state["global_step"])
             self.tokens_before_resume = int(state.get("num_input_tokens_seen") or 0)
             totals = read_run_totals(resume_from_checkpoint) or {}
+            check_same_world_size(resume_from_checkpoint, totals, self.args.world_size)
             self._loss_sum_before = None if totals.get("loss_sum") is None else float(totals["loss_sum"])
             if "train_tokens" in totals and hasattr(self, "_total_train_tokens"):  # TRL's num_tokens counter
                 self._total_train_tokens = int(totals["train_tokens"])
@@ -153,6 +161,7 @@ class ExactResume:
             "step": self.state.global_step,
             "loss_sum": None if self._loss_sum_before is None else self._loss_sum_before + self._total_loss_scalar + pending,
             "train_tokens": int(getattr(self, "_total_train_tokens", 0)),
+            **topology(),
         }
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -166,6 +175,31 @@ def read_run_totals(checkpoint: str | os.PathLike) -> dict | None:
         log.warning("%s has no %s: train_loss and num_tokens will cover only the steps after the resume", checkpoint, RUN_TOTALS)
         return None
     return json.loads(path.read_text())
+
+
+def checkpoint_world_size(checkpoint: str | os.PathLike, totals: dict) -> int:
+    """Processes of the run that saved ``checkpoint``: from its run totals, else from its RNG files (the
+    Trainer writes ``rng_state.pth`` on one process, ``rng_state_<rank>.pth`` per process on several)."""
+    if totals.get("world_size"):
+        return int(totals["world_size"])
+    ranks = list(Path(checkpoint).glob("rng_state_*.pth"))
+    return len(ranks) if ranks else 1
+
+
+def check_same_world_size(checkpoint: str | os.PathLike, totals: dict, world_size: int) -> None:
+    """Refuse to resume ``checkpoint`` with another number of processes than the run that saved it."""
+    saved = checkpoint_world_size(checkpoint, totals)
+    if saved == world_size:
+        return
+    now = topology()
+    before = (f"{totals['nodes']} node(s) x {totals['processes_per_node']} process(es)" if totals.get("nodes")
+              else "one node")
+    raise ValueError(
+        f"{Path(checkpoint).name} was saved by {saved} process(es) ({before}); this run has {world_size} "
+        f"({now['nodes']} node(s) x {now['processes_per_node']} process(es)). Resuming with another number of "
+        f"processes changes the global batch and the rows each process trains, so it cannot resume exactly. "
+        f"Restart with {saved} processes in all (e.g. torchrun --nnodes N --nproc_per_node P with N x P = {saved}; "
+        f"the node layout may differ), or start a new run with another --checkpoint-uri.")
 
 
 @functools.cache
