@@ -95,7 +95,7 @@ def _rows_tokens(r: dict[str, Any]) -> list[list[str]]:
         rows.append([f"SFT step, {size} image ({r['model']})",
                      f"{e['need']['wall_s_per_step']} s ({e['need']['cpu_s_per_step']} CPU-s), {e['need']['tiles']} tiles",
                      f"{e['fixed']['wall_s_per_step']} s ({e['fixed']['cpu_s_per_step']} CPU-s), {e['fixed']['tiles']} tiles",
-                     f"{e['ratio_wall']}x"])
+                     f"**{e['ratio_cpu']}x** CPU time ({e['ratio_wall']}x wall)"])
     return rows
 
 

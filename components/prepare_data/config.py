@@ -89,7 +89,8 @@ class PrepareDataConfig:
         metadata=_help("'need': each image costs the smallest grid of whole tiles that holds its own resolution, capped by "
                        "the processor's (or your `longest_edge`) size, never upscaled; 'fixed': the processor's own "
                        "behaviour, every image resized to that size first (small ones upscaled into many tiles). "
-                       "Recorded in the manifest; SFT, DPO, evaluate and the saved processor follow it.", IMAGE_SIZINGS),
+                       "Recorded in the manifest; SFT, DPO, evaluate and the saved processor follow it. Takes effect with "
+                       "`processor` (without one no settings are recorded and later steps use the model's processor as it is).", IMAGE_SIZINGS),
     )
     max_image_pixels: int = field(default=64_000_000, metadata=_help("Decompression-bomb guard: images with more pixels are rejected before decoding."))
     image_format: str = field(default="auto", metadata=_help("Encoding of stored images: 'png', 'jpeg', or 'auto' (JPEG sources stay JPEG, others PNG).", IMAGE_FORMATS))
