@@ -17,7 +17,7 @@ Image sizing (``image_sizing`` in the settings, prepare-data's ``image_sizing``)
   cap are stored downscaled to it, as in ``fixed``; smaller ones are stored as they are, never upscaled. At
   SmolVLM-256M's settings (2048 px, 512 px tiles, 64 tokens a tile) a 128x128 image is stored at 128 px and
   encoded as the processor's global image only: one tile, 64 image tokens (67 with its delimiters) instead of
-  16 tiles + the global image (1,088). A 600x400 image becomes 2x1 tiles + the global image; a 4000x3000 one
+  16 tiles + the global image (1,088). A 600x400 image becomes 2x2 tiles + the global image; a 4000x3000 one
   is downscaled to 2048x1536 and costs exactly what it cost before.
 - ``fixed``: the processor's own behaviour: every image is first resized so its longest edge is the cap
   (upscaling small ones), then tiled. This is the size distribution the model was trained at.

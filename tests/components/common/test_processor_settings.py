@@ -161,3 +161,29 @@ def test_unknown_image_sizing_is_a_config_error_naming_the_choices():
 
     with pytest.raises(ConfigError, match=r"image_sizing: must be one of \('need', 'fixed'\), got 'auto'"):
         build_config(PrepareDataConfig, {"image_sizing": "auto"})
+
+
+def test_trl_dpo_collator_follows_need_sizing_on_mixed_sizes(tmp_path):
+    """DPO hands images to TRL's own vision preference collator, which calls the processor itself: with the
+    settings applied, each prompt's image tokens are what the manifest's formula gives for its stored size."""
+    from transformers import AutoProcessor
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    folder = build_processor(tmp_path / "processor", 2048, 512, 64)
+    processor = AutoProcessor.from_pretrained(folder)
+    settings = processor_settings.load_processor_settings(str(folder))
+    processor_settings.apply_processor_settings(processor, settings)
+    sizes = [(128, 128), (600, 400), (2048, 1536)]
+    examples = [{"images": [Image.new("RGB", size, (10, 200, 10))],
+                 "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                 "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "green"}]}],
+                 "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]} for size in sizes]
+    batch = DataCollatorForVisionPreference(processor)(examples)
+    image_ids = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<global-img>")}
+    for i, size in enumerate(sizes):
+        tokens = [t for t in batch["input_ids"][i].tolist() if t in image_ids]
+        tiles = processor_settings.tile_grid(*size, 2048, 512, True, "need")
+        n_frames = tiles[0] * tiles[1] + 1
+        assert len(tokens) == n_frames * 64 + 1, size  # 64 per tile and the global image, one <global-img>
+        assert processor_settings.tokens_for_size(*size, settings) == processor_settings.image_tokens(*tiles, 64, settings["extra_split_newline_tokens"])
+    assert [processor_settings.tile_grid(*s, 2048, 512, True, "need") for s in sizes] == [(0, 0), (2, 2), (3, 4)]
