@@ -81,11 +81,30 @@ def _rows_train(r: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _rows_tokens(r: dict[str, Any]) -> list[list[str]]:
+    proc = r["processor"]
+    small = min((x for x in r["tokens_per_image"] if x["size"] == "128x128"), key=lambda x: x["need"], default=None)
+    rows = [[f"image tokens, {r['images']} images 64-4,000 px at SmolVLM-256M's processor ({proc['longest_edge']} px, "
+             f"{proc['tile']} px tiles, {proc['tokens_per_tile']} tokens a tile)",
+             f"need-based (default): {r['tokens_need_total']:,} tokens"
+             + (f"; a 128 px image {small['need']}" if small else ""),
+             f"processor's fixed size: {r['tokens_fixed_total']:,} tokens" + (f"; a 128 px image {small['fixed']}" if small else ""),
+             f"**{r['ratio']}x** fewer; one-tile images >= {r['small_images_min_ratio']}x; above the cap "
+             + ("unchanged" if r["above_cap_unchanged"] else "CHANGED")]]
+    for size, e in r["sft_step"].items():
+        rows.append([f"SFT step, {size} image ({r['model']})",
+                     f"{e['need']['wall_s_per_step']} s ({e['need']['cpu_s_per_step']} CPU-s), {e['need']['tiles']} tiles",
+                     f"{e['fixed']['wall_s_per_step']} s ({e['fixed']['cpu_s_per_step']} CPU-s), {e['fixed']['tiles']} tiles",
+                     f"**{e['ratio_cpu']}x** CPU time ({e['ratio_wall']}x wall)"])
+    return rows
+
+
 #: name -> (command, rows of the table from its JSON). Commands run from the repository root.
 BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[list[str]]]]] = {
     "prepare_data": (["benchmarks/prepare_data.py", "--rows", "2000"], _rows_prepare),
     "generate": (["benchmarks/generate.py"], _rows_generate),
     "train_throughput": (["benchmarks/train_throughput.py"], _rows_train),
+    "tokens": (["benchmarks/tokens.py"], _rows_tokens),
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from components.common.processor_settings import images_for_processor
+
 
 @dataclass
 class GenerationOptions:
@@ -68,7 +70,8 @@ def generate_answers(
     try:
         for idx in _batches(order, batch_size):
             texts = [processor.apply_chat_template(prompt_messages(conversations[i]), add_generation_prompt=True) for i in idx]
-            batch_images = [list(images[i]) for i in idx]
+            # Within the processor's cap under need-based sizing, as training saw them (processor_settings).
+            batch_images = [images_for_processor(processor, images[i]) for i in idx]
             inputs = processor(
                 text=texts,
                 images=batch_images if any(batch_images) else None,

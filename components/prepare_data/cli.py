@@ -47,7 +47,8 @@ def summarize(manifest: dict) -> str:
         lines.append(f"  rejected {entry['count']:>6}  {reason}  (e.g. {', '.join(entry['examples'][:3])})")
     tokens = manifest.get("tokens_per_image")
     if tokens:
-        lines.append(f"  tokens per image: min {tokens['min']}, mean {tokens['mean']}, max {tokens['max']}")
+        lines.append(f"  tokens per image ({tokens.get('image_sizing', 'fixed')} sizing): min {tokens['min']}, mean {tokens['mean']}, "
+                     f"max {tokens['max']}" + (f" (fixed size: mean {tokens['fixed_size']['mean']})" if "fixed_size" in tokens else ""))
     lines.extend(f"  warning: {w}" for w in manifest.get("warnings", []))
     return "\n".join(lines)
 

@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.common.processor_settings import IMAGE_SIZINGS
+
 TASKS = ("sft", "preference")
 IMAGE_FORMATS = ("auto", "png", "jpeg")
 DUPLICATE_RULES = ("reject", "keep")
@@ -82,6 +84,14 @@ class PrepareDataConfig:
         default=None,
         metadata=_help("Longest image edge for training (default: the processor's size['longest_edge']). Snapped down to a multiple of the processor's tile size; saved in the manifest so training uses the same."),
     )
+    image_sizing: str = field(
+        default="need",
+        metadata=_help("'need': each image costs the smallest grid of whole tiles that holds its own resolution, capped by "
+                       "the processor's (or your `longest_edge`) size, never upscaled; 'fixed': the processor's own "
+                       "behaviour, every image resized to that size first (small ones upscaled into many tiles). "
+                       "Recorded in the manifest; SFT, DPO, evaluate and the saved processor follow it. Takes effect with "
+                       "`processor` (without one no settings are recorded and later steps use the model's processor as it is).", IMAGE_SIZINGS),
+    )
     max_image_pixels: int = field(default=64_000_000, metadata=_help("Decompression-bomb guard: images with more pixels are rejected before decoding."))
     image_format: str = field(default="auto", metadata=_help("Encoding of stored images: 'png', 'jpeg', or 'auto' (JPEG sources stay JPEG, others PNG).", IMAGE_FORMATS))
     jpeg_quality: int = field(default=95, metadata=_help("JPEG quality (1-100) when images are re-encoded as JPEG."))
@@ -117,6 +127,8 @@ class PrepareDataConfig:
             problems.append(f"image_format: must be one of {IMAGE_FORMATS}, got {cfg.image_format!r}")
         if not 1 <= cfg.jpeg_quality <= 100:
             problems.append(f"jpeg_quality: must be in 1..100, got {cfg.jpeg_quality}")
+        if cfg.image_sizing not in IMAGE_SIZINGS:
+            problems.append(f"image_sizing: must be one of {IMAGE_SIZINGS}, got {cfg.image_sizing!r}")
         if cfg.max_image_pixels < 1:
             problems.append(f"max_image_pixels: must be positive, got {cfg.max_image_pixels}")
         if cfg.longest_edge is not None and cfg.longest_edge < 1:

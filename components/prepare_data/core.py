@@ -89,7 +89,7 @@ def run(config: PrepareDataConfig, source: str, output: str) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid PrepareDataConfig:\n  - " + "\n  - ".join(problems))
     started = time.time()
-    processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge) if cfg.processor else None
+    processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
     target_edge = processor_settings["size"]["longest_edge"] if processor_settings else cfg.longest_edge
     settings = imagelib.ImageSettings(target_edge, cfg.max_image_pixels, cfg.image_format, cfg.jpeg_quality)
 

@@ -3,12 +3,12 @@
 Runs in worker processes, so it imports only Pillow/numpy and takes plain values. Every failure becomes an
 :class:`ImageRejected` with a stable reason name that ends up, counted, in the dataset manifest.
 
-Token-aware sizing: the Idefics3/SmolVLM processor rescales every image so its longest edge is
-``size["longest_edge"]`` (upscaling small ones), then cuts it into ``max_image_size["longest_edge"]`` tiles.
-Storing a larger image wastes disk and decode time; storing a smaller one saves no tokens. So images larger
-than the target are downscaled to exactly the size the processor would compute (same rounding), smaller ones
-are kept as they are, and ``components.common.processor_settings.image_tokens`` predicts the processor's token
-count from the stored size.
+Token-aware sizing: images larger than the cap (the processor's ``size["longest_edge"]`` or the user's
+``longest_edge``) are downscaled to exactly the size the processor would compute (same rounding); smaller ones
+are stored as they are, never upscaled. Under ``image_sizing: need`` (the default) the processor then encodes
+each image at the smallest grid of whole tiles that holds it; under ``fixed`` it upscales every image to the cap
+first (``components.common.processor_settings``, module doc). Either way the stored size alone decides the
+token count, which ``processor_settings.tokens_for_size`` predicts exactly.
 
 More than 8 bits per sample (16-bit grayscale PNG/TIFF: modes ``I;16*``; 32-bit ``I``; floating point ``F``;
 16-bit colour PNG): mapped to 8 bits by the image's own range, min..max of its pixel values, not by the full
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.common.processor_settings import processor_output_size
+from components.common.processor_settings import capped_size
 
 WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -67,10 +67,9 @@ class ProcessedImage:
 
 
 def stored_size(width: int, height: int, longest_edge: int | None) -> tuple[int, int]:
-    """Size we store: the processor's own target size when the image is larger, else unchanged."""
-    if longest_edge is None or max(width, height) <= longest_edge:
-        return width, height
-    return processor_output_size(width, height, longest_edge)
+    """Size we store: the processor's own target size when the image is larger than the cap, else unchanged
+    (the same for both image sizings; never an upscale)."""
+    return capped_size(width, height, longest_edge)
 
 
 def png_bit_depth(data: bytes) -> int | None:

@@ -72,3 +72,18 @@ def test_readme_figures_render_every_row_from_saved_results(tmp_path, monkeypatc
     readme.write_text(f"intro\n{readme_figures.START}\nold\n{readme_figures.END}\nrest\n")
     readme_figures.write_readme(table, readme)
     assert readme.read_text() == f"intro\n{table}\nrest\n"
+
+
+def test_tokens_benchmark_smoke_on_cpu(capsys):
+    """benchmarks/tokens.py end to end with a tiny processor and model: the real processor's token counts for
+    both sizings (checked against the formula inside), a smaller step for the small image, the JSON line last."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tokens
+
+    summary = tokens.main(["--smoke", "--threads", "1", "--steps", "1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == summary
+    by_size = {r["size"]: r for r in summary["tokens_per_image"]}
+    assert by_size["64x64"]["need"] == 4 + 3 and by_size["64x64"]["fixed"] > 4 * by_size["64x64"]["need"]
+    assert summary["above_cap_unchanged"] is True and by_size["4000x3000"]["ratio"] == 1.0
+    assert summary["sft_step"]["64x64"]["need"]["tiles"] == 1 and summary["sft_step"]["64x64"]["fixed"]["tiles"] == 5

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from components.common.processor_settings import images_for_processor
+
 IGNORE_INDEX = -100
 
 
@@ -125,7 +127,7 @@ class VisionSFTCollator:
         self.max_length = max_length
 
     def encode(self, row: dict) -> dict:
-        images = to_model_images(row.get("images"))
+        images = images_for_processor(self.processor, to_model_images(row.get("images")))
         text = _render(self.processor, row["messages"])
         enc = self.processor(text=[text], images=[images] if images else None, add_special_tokens=False)
         ids = list(enc["input_ids"][0])
@@ -137,7 +139,7 @@ class VisionSFTCollator:
         import torch
 
         texts = [_render(self.processor, row["messages"]) for row in rows]
-        images = [to_model_images(row.get("images")) for row in rows]
+        images = [images_for_processor(self.processor, to_model_images(row.get("images"))) for row in rows]
         has_images = any(images)
         self.processor.tokenizer.padding_side = "right"
         batch = self.processor(

@@ -101,20 +101,62 @@ def test_reported_tokens_match_the_processor(smolvlm_processor, source, tmp_path
         assert produced["img0"] < at_full_size  # the smaller size really saves tokens
 
 
-def test_formula_matches_processor_on_many_sizes(tmp_path):
+@pytest.mark.parametrize("image_sizing", ["need", "fixed"])
+def test_formula_matches_processor_on_many_sizes(tmp_path, image_sizing):
     """The size/tile arithmetic alone, against the real processor, on awkward aspect ratios (tiny tiles)."""
     from transformers import AutoProcessor
 
     folder = build_processor(tmp_path / "tiny", 128, 64, 4)
     processor = AutoProcessor.from_pretrained(folder)
-    settings = processor_settings.load_processor_settings(str(folder))
+    settings = processor_settings.load_processor_settings(str(folder), image_sizing=image_sizing)
+    processor_settings.apply_processor_settings(processor, settings)
+    assert processor.image_processor.do_resize is (image_sizing == "fixed")
     for w, h in [(1, 1), (64, 64), (65, 64), (130, 20), (20, 130), (127, 129), (200, 99), (33, 190), (500, 499)]:
         im = Image.new("RGB", (w, h), (10, 20, 30))
-        assert processor_tokens(processor, im) == processor_settings.tokens_for_size(w, h, settings), (w, h)
+        (given,) = processor_settings.images_for_processor(processor, [im])  # what every vlmtune call does
+        assert processor_tokens(processor, given) == processor_settings.tokens_for_size(w, h, settings), (w, h)
         sw, sh = imagelib.stored_size(w, h, 128)
         assert max(sw, sh) <= max(128, 1)
         # Storing at the reduced size costs exactly the same tokens as the original.
         assert processor_settings.tokens_for_size(sw, sh, settings) == processor_settings.tokens_for_size(w, h, settings), (w, h)
+
+
+SMOLVLM_256M_SIZES = [(1, 1), (64, 64), (128, 128), (100, 30), (30, 100), (511, 512), (513, 512), (600, 400),
+                      (1023, 1025), (1537, 700), (2048, 2048), (2049, 10), (4000, 3000), (90, 3000), (3001, 2999)]
+
+
+def test_need_sizing_is_the_processor_at_a_per_image_size_and_saves_tokens(tmp_path):
+    """At SmolVLM-256M's settings (2048 px, 512 px tiles, 64 tokens a tile): ``do_resize`` off plus the cap is
+    exactly the processor called with ``size={"longest_edge": need_longest_edge(...)}`` image by image, the
+    formula predicts it, a 128 px image is one tile (the global image) instead of 17, and images at or above
+    the cap cost what the fixed size costs."""
+    from transformers import AutoProcessor
+
+    folder = build_processor(tmp_path / "smolvlm-256m-like", 2048, 512, 64)
+    need = AutoProcessor.from_pretrained(folder)
+    settings = processor_settings.load_processor_settings(str(folder))
+    assert settings["image_sizing"] == "need"
+    processor_settings.apply_processor_settings(need, settings)
+    fixed = AutoProcessor.from_pretrained(folder)
+    processor_settings.apply_processor_settings(fixed, {**settings, "image_sizing": "fixed"})
+    newline = settings["extra_split_newline_tokens"]
+    for w, h in SMOLVLM_256M_SIZES:
+        im = Image.new("RGB", (w, h), (200, 10, 10))
+        (given,) = processor_settings.images_for_processor(need, [im])
+        assert max(given.size) <= 2048
+        target = processor_settings.need_longest_edge(w, h, 2048, 512)
+        assert target % 512 == 0 and target <= 2048 and (target >= max(w, h) or max(w, h) > 2048)
+        per_image = len(fixed(text="<image>", images=[[processor_settings.images_for_processor(fixed, [given])[0]]],
+                              size={"longest_edge": target}, add_special_tokens=False)["input_ids"][0])
+        ours = processor_tokens(need, given)
+        assert ours == per_image == processor_settings.tokens_for_size(w, h, settings), (w, h)
+        before = processor_tokens(fixed, im)
+        assert before == processor_settings.tokens_for_size(w, h, settings, "fixed"), (w, h)
+        if max(w, h) >= 2048:
+            assert ours == before, (w, h)  # at or above the cap: unchanged
+        if max(w, h) <= 512:
+            assert ours == 64 + 3, (w, h)  # one tile: the global image and its delimiters
+    assert processor_tokens(fixed, Image.new("RGB", (128, 128))) == processor_settings.image_tokens(4, 4, 64, newline)
 
 
 @pytest.mark.gcs
