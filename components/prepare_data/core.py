@@ -149,7 +149,12 @@ def finalize(plan_uri: str, part_uris: list[str], output: str) -> dict[str, Any]
     started = time.time()
     the_plan = read_plan(plan_uri)
     with contextlib.ExitStack() as stack:
-        local_parts = [stack.enter_context(storage.local_input(uri)) for uri in part_uris]
+        local_parts = []
+        for uri in part_uris:
+            try:
+                local_parts.append(stack.enter_context(storage.local_input(uri)))
+            except FileNotFoundError:  # never published (killed before its end): unfinished, named as such
+                local_parts.append(Path(storage.to_local_path(uri)) if not storage.is_remote(uri) else Path("/nonexistent-part"))
         parts = fanout.match_parts(the_plan, [Path(p) for p in local_parts], list(part_uris))
         _clear_output(output)
         with storage.local_output(output) as out_dir:
