@@ -143,7 +143,7 @@ def build_pipeline(settings: PipelineSettings | None = None):
                               "prepare_data", settings, f"prepare {what} data")
         plan = _configure(ops["prepare_data_plan"](source=source, task=task, processor=base_model, config=prepare_config,
                                                    shards=shards), "prepare_data", settings, f"plan {what} data")
-        with dsl.ParallelFor(plan.output, parallelism=settings.prepare_parallelism, name=f"{task}-items") as item:
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=settings.prepare_parallelism, name=f"{task}-items") as item:
             part = _configure(ops["prepare_data_part"](plan=plan.outputs["plan"], item=item), "prepare_data", settings,
                               f"prepare {what} item")
             if settings.prepare_part_retries:
