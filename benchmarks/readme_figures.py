@@ -81,11 +81,22 @@ def _rows_train(r: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _rows_fanout(r: dict[str, Any]) -> list[list[str]]:
+    return [[f"prepare-data fanned out: {r['items']} items x 1 worker at once vs one container x 1 worker "
+             f"({r['rows']:,} images of varied sizes → {r['longest_edge']} px, same content hash)",
+             f"{r['fanout_wall_s']} s, {r['fanout_cpu_s']} CPU-s, peak RSS per item "
+             f"{max(r['peak_rss_per_item_mb']):,.0f} MB",
+             f"one container: {r['single_wall_s']} s, {r['single_cpu_s']} CPU-s, {r['single_peak_rss_mb']:,.0f} MB",
+             f"**{r['speedup']}x** wall, parallel efficiency {r['parallel_efficiency']:.0%} "
+             f"(ceiling {r['cores']}x on {r['cores']} cores)"]]
+
+
 #: name -> (command, rows of the table from its JSON). Commands run from the repository root.
 BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[list[str]]]]] = {
     "prepare_data": (["benchmarks/prepare_data.py", "--rows", "2000"], _rows_prepare),
     "generate": (["benchmarks/generate.py"], _rows_generate),
     "train_throughput": (["benchmarks/train_throughput.py"], _rows_train),
+    "prepare_fanout": (["benchmarks/prepare_fanout.py", "--rows", "2000"], _rows_fanout),
 }
 
 

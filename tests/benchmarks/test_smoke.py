@@ -72,3 +72,15 @@ def test_readme_figures_render_every_row_from_saved_results(tmp_path, monkeypatc
     readme.write_text(f"intro\n{readme_figures.START}\nold\n{readme_figures.END}\nrest\n")
     readme_figures.write_readme(table, readme)
     assert readme.read_text() == f"intro\n{table}\nrest\n"
+
+
+def test_prepare_fanout_smoke(tmp_path, capsys):
+    """Two items at once vs one container on a tiny source: same dataset (checked inside), figures reported."""
+    from benchmarks import prepare_fanout
+
+    result = prepare_fanout.main(["--rows", "12", "--items", "2", "--workdir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == result
+    assert result["same_content_hash"] and result["rows_out"] == 12 and result["items"] == 2
+    assert result["speedup"] > 0 and result["parallel_efficiency"] == pytest.approx(result["speedup"] / 2, abs=1e-3)
+    assert len(result["peak_rss_per_item_mb"]) == 2 and all(v > 0 for v in result["peak_rss_per_item_mb"])
