@@ -8,9 +8,11 @@ manifest and listed with its source position and a human detail in ``rejects.jso
 (``stats.py``); ``manifest.json`` is written last, so a crashed run leaves a folder that readers refuse.
 
 Reads top to bottom: validate the config -> read the processor's settings -> open the source (notes about
-files it does not read go to stderr and the manifest's warnings) -> clear the old output -> stream rows
-(normalise, process images, dedupe, split, write; reject lines to ``rejects.jsonl``) -> check the share of
-invalid rows -> write the manifest last.
+files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
+output -> stream each item's rows into its part (normalise, process images, split, write) -> finalize (dedupe
+across parts, rejects in source order into ``rejects.jsonl``, statistics, final shards) -> check the share of
+invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
+below are the same steps one at a time, for a KFP ``ParallelFor`` (``vlmtune prepare-data plan|part|finalize``).
 
 When the run gives up on too many invalid rows there is no manifest, by design; the message shows the first
 rejected rows in full, and the whole list is left at ``OUTPUT/rejects.jsonl`` (a folder without a manifest,
