@@ -1,6 +1,6 @@
 """A real kfp.local run of the fanned-out data preparation (plan -> ParallelFor -> Collected -> finalize, the
 components the pipeline uses) writes the dataset of the one-container component, byte for byte."""
-from __future__ import annotations
+# no `from __future__ import annotations`: kfp reads the pipelines' real annotations
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from tests.components.prepare_data.test_fanout import make_source
 
 
 def _ops():
-    return {fn.__name__: dsl.component(fn, install_kfp_package=False)
+    return {fn.__name__: dsl.component(fn, base_image="python:3.11", install_kfp_package=False)
             for fn in (prepare_data, prepare_data_plan, prepare_data_part, prepare_data_finalize)}
 
 
@@ -35,8 +35,8 @@ def test_kfp_local_parallel_for_equals_the_single_component(tmp_path):
         return ops["prepare_data"](source=source, task="sft", processor="", config=config).outputs["dataset"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
-    out3 = Path(fanned(source=source, shards=3).path)
-    out1 = Path(single(source=source).path)
+    out3 = Path(fanned(source=source, shards=3).output.path)
+    out1 = Path(single(source=source).output.path)
     m3, m1 = (json.loads((o / "manifest.json").read_text()) for o in (out3, out1))
     assert m3["items"] == 3 and m1["items"] == 1
     assert m3["content_hash"] == m1["content_hash"] and m3["counts"] == m1["counts"] and m3["rejects"] == m1["rejects"]
