@@ -97,6 +97,14 @@ def _rows_tokens(r: dict[str, Any]) -> list[list[str]]:
                      f"{e['fixed']['wall_s_per_step']} s ({e['fixed']['cpu_s_per_step']} CPU-s), {e['fixed']['tiles']} tiles",
                      f"**{e['ratio_cpu']}x** CPU time ({e['ratio_wall']}x wall)"])
     return rows
+def _rows_fanout(r: dict[str, Any]) -> list[list[str]]:
+    return [[f"prepare-data fanned out: {r['items']} items x 1 worker at once vs one container x 1 worker "
+             f"({r['rows']:,} images of varied sizes → {r['longest_edge']} px, same content hash)",
+             f"{r['fanout_wall_s']} s, {r['fanout_cpu_s']} CPU-s, peak RSS per item "
+             f"{max(r['peak_rss_per_item_mb']):,.0f} MB",
+             f"one container: {r['single_wall_s']} s, {r['single_cpu_s']} CPU-s, {r['single_peak_rss_mb']:,.0f} MB",
+             f"**{r['speedup']}x** wall, parallel efficiency {r['parallel_efficiency']:.0%} "
+             f"(ceiling {r['cores']}x on {r['cores']} cores)"]]
 
 
 #: name -> (command, rows of the table from its JSON). Commands run from the repository root.
@@ -105,6 +113,7 @@ BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[list[str]]]]] = {
     "generate": (["benchmarks/generate.py"], _rows_generate),
     "train_throughput": (["benchmarks/train_throughput.py"], _rows_train),
     "tokens": (["benchmarks/tokens.py"], _rows_tokens),
+    "prepare_fanout": (["benchmarks/prepare_fanout.py", "--rows", "2000"], _rows_fanout),
 }
 
 

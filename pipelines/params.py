@@ -1,7 +1,8 @@
 """The pipeline's run parameters: gathered from the run's YAML and ``--set``, and checked before any work starts.
 
 Parameters are the pipeline function's own (sft_source, preference_source, base_model, registry,
-registry_name, prepare_config, sft_config, dpo_config, eval_config, sft_checkpoint_uri, dpo_checkpoint_uri).
+registry_name, prepare_config, sft_config, dpo_config, eval_config, sft_checkpoint_uri, dpo_checkpoint_uri,
+prepare_shards).
 ``--set KEY=VALUE`` sets one (``--set sft_config.KEY=VALUE`` one field of a config section).
 
 :func:`resolve_params` is the one validation pass of every entry point that starts a pipeline: ``vlmtune run``
@@ -300,6 +301,9 @@ def check_params(run: RunParams, spec_params: dict[str, dict], target: str, *, c
         if kind == "STRING" and not isinstance(value, str):
             hint = f" (quote it: '{value}')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
             problems.append(Problem(name, f"expected a string, got {type(value).__name__} {value!r}{hint}"))
+        elif kind == "NUMBER_INTEGER" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            # Integer parameters are counts (prepare_shards: data-preparation work items; 1 = one container).
+            problems.append(Problem(name, f"expected an integer >= 1, got {type(value).__name__} {value!r}"))
         elif kind == "STRUCT":
             if not isinstance(value, dict):
                 problems.append(Problem(name, f"expected a mapping of config fields, got {type(value).__name__} {value!r}"))

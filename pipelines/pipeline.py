@@ -15,7 +15,7 @@ from kfp.dsl import Dataset, Input
 
 from components.dpo.component import dpo
 from components.evaluate.component import evaluate
-from components.prepare_data.component import prepare_data
+from components.prepare_data.component import prepare_data, prepare_data_finalize, prepare_data_part, prepare_data_plan
 from components.register.component import register
 from components.sft.component import sft
 from pipelines.images import default_registry_prefix, default_tag, image_for
@@ -50,6 +50,13 @@ class PipelineSettings:
     #: How sft/dpo launch a multi-node job (`nodes > 1`): the target's `launch:` settings
     #: (components.common.launch.LaunchSettings), handed to those steps as $VLMTUNE_LAUNCH; empty: launcher local.
     launch: dict[str, Any] = field(default_factory=dict)
+    #: Fan out data preparation: 0 keeps one container per dataset (today's shape); N > 0 compiles
+    #: plan -> dsl.ParallelFor(items, parallelism=N) of part -> finalize, and the pipeline gains the run
+    #: parameter ``prepare_shards`` (work items; 1 gives the one-container dataset through the same code).
+    #: A compile-time choice because KFP takes ParallelFor's parallelism only as a literal int.
+    prepare_parallelism: int = 0
+    #: Retries of each part task (an item reruns alone; a half-written part is never taken).
+    prepare_part_retries: int = 2
     #: Called as task_hook(task, step) after the generic settings, for target-specific task config that has no
     #: place in the spec both targets share (pipelines.compile installs kfp-kubernetes node selectors,
     #: tolerations and secrets here for Kubeflow; Vertex leaves it None so its spec stays one document).
@@ -84,10 +91,13 @@ def data_changed_since_champion(dataset: Input[Dataset], registry: str, registry
 def build_components(settings: PipelineSettings) -> dict:
     """One KFP component per step, each bound to its image. install_kfp_package=False: the image has kfp."""
     functions = {"prepare_data": prepare_data, "sft": sft, "dpo": dpo, "evaluate": evaluate, "register": register}
-    return {
+    ops = {
         step: dsl.component(fn, base_image=settings.image(step), install_kfp_package=False)
         for step, fn in functions.items()
     }
+    for name, fn in (("plan", prepare_data_plan), ("part", prepare_data_part), ("finalize", prepare_data_finalize)):
+        ops[f"prepare_data_{name}"] = dsl.component(fn, base_image=settings.image("prepare_data"), install_kfp_package=False)
+    return ops
 
 
 def _configure(task, step: str, settings: PipelineSettings, display_name: str):
@@ -139,11 +149,24 @@ def build_pipeline(settings: PipelineSettings | None = None):
                        "register", settings, "register")
         return eval_task, dpo_task
 
-    def prepare(sft_source, preference_source, base_model, prepare_config):
-        sft_data = _configure(ops["prepare_data"](source=sft_source, task="sft", processor=base_model, config=prepare_config),
-                              "prepare_data", settings, "prepare SFT data")
-        pref_data = _configure(ops["prepare_data"](source=preference_source, task="preference", processor=base_model, config=prepare_config),
-                               "prepare_data", settings, "prepare preference data")
+    def prepare_one(source, task, base_model, prepare_config, shards, what):
+        if not settings.prepare_parallelism:
+            return _configure(ops["prepare_data"](source=source, task=task, processor=base_model, config=prepare_config,
+                                                  shards=shards),
+                              "prepare_data", settings, f"prepare {what} data")
+        plan = _configure(ops["prepare_data_plan"](source=source, task=task, processor=base_model, config=prepare_config,
+                                                   shards=shards), "prepare_data", settings, f"plan {what} data")
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=settings.prepare_parallelism, name=f"{task}-items") as item:
+            part = _configure(ops["prepare_data_part"](plan=plan.outputs["plan"], item=item), "prepare_data", settings,
+                              f"prepare {what} item")
+            if settings.prepare_part_retries:
+                part.set_retry(num_retries=settings.prepare_part_retries, backoff_duration="30s", backoff_factor=2.0)
+        return _configure(ops["prepare_data_finalize"](plan=plan.outputs["plan"], parts=dsl.Collected(part.outputs["part"]),
+                                                       task=task), "prepare_data", settings, f"finalize {what} data")
+
+    def prepare(sft_source, preference_source, base_model, prepare_config, shards):
+        sft_data = prepare_one(sft_source, "sft", base_model, prepare_config, shards, "SFT")
+        pref_data = prepare_one(preference_source, "preference", base_model, prepare_config, shards, "preference")
         return sft_data, pref_data
 
     if settings.skip_unchanged_data:
@@ -164,8 +187,9 @@ def build_pipeline(settings: PipelineSettings | None = None):
             eval_config: dict = {},
             sft_checkpoint_uri: str = "",
             dpo_checkpoint_uri: str = "",
+            prepare_shards: int = 1,
         ):
-            sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config)
+            sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config, prepare_shards)
             check = _configure(data_check(dataset=sft_data.outputs["dataset"], registry=registry, registry_name=registry_name),
                                "register", settings, "new data?")
             with dsl.If(check.output == True, name="new-data"):  # noqa: E712
@@ -187,8 +211,9 @@ def build_pipeline(settings: PipelineSettings | None = None):
         eval_config: dict = {},
         sft_checkpoint_uri: str = "",
         dpo_checkpoint_uri: str = "",
+        prepare_shards: int = 1,
     ) -> NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model):
-        sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config)
+        sft_data, pref_data = prepare(sft_source, preference_source, base_model, prepare_config, prepare_shards)
         eval_task, dpo_task = train_evaluate_register(sft_data, pref_data, base_model, registry, registry_name, sft_config,
                                                       dpo_config, eval_config, sft_checkpoint_uri, dpo_checkpoint_uri)
         outputs = NamedTuple("PipelineOutputs", evaluation=dsl.Artifact, model=dsl.Model)

@@ -8,9 +8,11 @@ manifest and listed with its source position and a human detail in ``rejects.jso
 (``stats.py``); ``manifest.json`` is written last, so a crashed run leaves a folder that readers refuse.
 
 Reads top to bottom: validate the config -> read the processor's settings -> open the source (notes about
-files it does not read go to stderr and the manifest's warnings) -> clear the old output -> stream rows
-(normalise, process images, dedupe, split, write; reject lines to ``rejects.jsonl``) -> check the share of
-invalid rows -> write the manifest last.
+files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
+output -> stream each item's rows into its part (normalise, process images, split, write) -> finalize (dedupe
+across parts, rejects in source order into ``rejects.jsonl``, statistics, final shards) -> check the share of
+invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
+below are the same steps one at a time, for a KFP ``ParallelFor`` (``vlmtune prepare-data plan|part|finalize``).
 
 When the run gives up on too many invalid rows there is no manifest, by design; the message shows the first
 rejected rows in full, and the whole list is left at ``OUTPUT/rejects.jsonl`` (a folder without a manifest,
@@ -20,105 +22,170 @@ so no later step takes it for a dataset).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import os
+import contextlib
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.common import artifacts, schema, storage
-from components.common.config import ConfigError, to_dict
-from components.common.dataset import ShardWriter, arrow_schema, content_hash
+from components.common.config import ConfigError
 from components.common.processor_settings import load_processor_settings
-from components.prepare_data import images as imagelib
+from components.prepare_data import fanout
 from components.prepare_data.config import PrepareDataConfig
-from components.prepare_data.parallel import ImagePool, available_cpus
-from components.prepare_data.rows import PendingRow, RowIdentity, RowRejected, image_names, normalize_row, split_of
-from components.prepare_data.sources import iter_rows, open_source
-from components.prepare_data.stats import ImageStats, Rejects, describe_reject
+from components.prepare_data.fanout import FanoutError, TooManyInvalidRowsError  # noqa: F401 (the step's errors)
+from components.prepare_data.sources import open_source
 
-EARLY_ROWS = 1000  # if this many rows in a row are all invalid, stop: the column mapping is wrong
-REJECTS_FILE = "rejects.jsonl"  # one JSON line per rejected row, beside manifest.json
+REJECTS_FILE = fanout.REJECTS_FILE  # one JSON line per rejected row, beside manifest.json
+PARTS_DIR = "_parts"  # core.run's part folders, inside the staging folder; gone before the manifest
 
 
-class TooManyInvalidRowsError(RuntimeError):
-    """More rows were invalid than ``max_invalid_fraction`` allows. Carries the would-be manifest summary,
-    the first rejected rows in full, and where the whole list was left (``rejects_file``), if anywhere."""
-
-    def __init__(self, message: str, summary: dict[str, Any], first_rejects: list[dict[str, Any]] = ()):
-        super().__init__(message)
-        self.message = message
-        self.summary = summary
-        self.first_rejects = list(first_rejects)
-        self.rejects_file: str | None = None
-
-    def __str__(self) -> str:
-        lines = [self.message]
-        if self.first_rejects:
-            lines.append("First rejected rows:")
-            lines.extend(f"  {describe_reject(r)}" for r in self.first_rejects)
-        if self.rejects_file:
-            lines.append(f"Every rejected row ({self.summary['counts'].get('rejected', '?')}) is listed in "
-                         f"{self.rejects_file}.")
-        return "\n".join(lines)
+def _checked(config: PrepareDataConfig) -> PrepareDataConfig:
+    cfg = config.resolved()
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError("invalid PrepareDataConfig:\n  - " + "\n  - ".join(problems))
+    return cfg
 
 
-@dataclasses.dataclass
-class Tally:
-    """Rows read, rows written and rows rejected (by reason) so far. ``stopped_early``: the run gave up, no more
-    rows are read; rows already read are still counted (their images may still be in the workers)."""
-
-    rows_in: int = 0
-    rows_out: int = 0
-    rejects: Rejects = dataclasses.field(default_factory=Rejects)
-    stopped_early: bool = False
+def _open(cfg: PrepareDataConfig, src_path) -> Any:
+    src = open_source(Path(src_path), cfg.source_split, cfg.image_column)
+    for note in src.notes:  # now, not only in the manifest: the run may still fail for another reason
+        print(f"prepare-data: note: {note}", file=sys.stderr)
+    return src
 
 
-def run(config: PrepareDataConfig, source: str, output: str) -> dict[str, Any]:
+def _check_output_outside_source(output: str, src) -> None:
+    if not storage.is_remote(output):
+        out_path = storage.to_local_path(output).resolve()
+        if out_path == src.root.resolve() or out_path in src.root.resolve().parents:
+            raise ConfigError(
+                f"output {output!r} is the source folder or holds it; writing there would overwrite the "
+                f"source. Pass a separate --output folder."
+            )
+
+
+def run(config: PrepareDataConfig, source: str, output: str, *, shards: int = 1) -> dict[str, Any]:
     """Prepare ``source`` into a dataset artifact at ``output``; returns the manifest that was written.
+
+    The one-container shape of the step, and the same code as the fanned-out one: plan ``shards`` items, run
+    every item here, one after the other, then finalize (the output does not depend on ``shards``).
 
     Raises ConfigError (bad config/processor), SourceError / FileNotFoundError (unreadable source) and
     TooManyInvalidRowsError (share of invalid rows above ``max_invalid_fraction``); none of them leave a
     manifest behind.
     """
-    cfg = config.resolved()
-    problems = cfg.validate()
-    if problems:
-        raise ConfigError("invalid PrepareDataConfig:\n  - " + "\n  - ".join(problems))
+    cfg = _checked(config)
     started = time.time()
     processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
-    target_edge = processor_settings["size"]["longest_edge"] if processor_settings else cfg.longest_edge
-    settings = imagelib.ImageSettings(target_edge, cfg.max_image_pixels, cfg.image_format, cfg.jpeg_quality)
-
     with storage.local_input(source) as src_path:
-        src = open_source(Path(src_path), cfg.source_split, cfg.image_column)
-        for note in src.notes:  # now, not only in the manifest: the run may still fail for another reason
-            print(f"prepare-data: note: {note}", file=sys.stderr)
-        if not storage.is_remote(output):
-            out_path = storage.to_local_path(output).resolve()
-            if out_path == src.root.resolve() or out_path in src.root.resolve().parents:
-                raise ConfigError(
-                    f"output {output!r} is the source folder or holds it; writing there would overwrite the "
-                    f"source. Pass a separate --output folder."
-                )
+        src = _open(cfg, src_path)
+        _check_output_outside_source(output, src)
+        the_plan = fanout.make_plan(cfg, source, src, processor_settings, shards)
         _clear_output(output)
         # local_output stages into a fresh folder and publishes it (manifest last) only if the body succeeds.
         with storage.local_output(output) as out_dir:
-            # rejects.jsonl is staged with the shards: published before the manifest, never complete alone.
-            rejects_path = Path(out_dir) / REJECTS_FILE
-            try:
-                with open(rejects_path, "w", encoding="utf-8") as rejects_log:
-                    manifest = _process(cfg, src, Path(out_dir), settings, processor_settings, source, rejects_log)
-            except TooManyInvalidRowsError as e:
-                e.rejects_file = _leave_rejects_list(rejects_path, output)
-                raise
+            parts = []
+            for entry in the_plan["items"]:
+                part_dir = Path(out_dir) / PARTS_DIR / f"item-{entry['item']:05d}"
+                part_dir.mkdir(parents=True)
+                try:
+                    manifest = fanout.process_item(the_plan, entry["item"], src, part_dir)
+                except TooManyInvalidRowsError as e:  # gave up early: leave the rejects read so far
+                    dirs = [d for _, d in parts] + [part_dir]
+                    staged = Path(out_dir) / REJECTS_FILE
+                    with open(staged, "w", encoding="utf-8") as log:
+                        fanout.replay_rejects([ev for d in dirs for ev in fanout.part_reject_events(d)], log)
+                    e.rejects_file = _leave_rejects_list(staged, output)
+                    raise
+                parts.append((manifest, part_dir))
+            manifest = _finalize_into(the_plan, parts, Path(out_dir), output, move=True)
+            shutil.rmtree(Path(out_dir) / PARTS_DIR)
             manifest["seconds"] = round(time.time() - started, 2)
             manifest["source"] = source
             manifest = artifacts.write_manifest(str(out_dir), manifest)  # last act: the folder is now complete
     return manifest
+
+
+def plan(config: PrepareDataConfig, source: str, plan_uri: str, *, shards: int) -> dict[str, Any]:
+    """Step 1 of the fanned-out shape: list the work items of ``source`` into the plan file ``plan_uri``
+    (JSON). Reads the source's row files, decodes no image."""
+    cfg = _checked(config)
+    processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
+    with storage.local_input(source) as src_path:
+        the_plan = fanout.make_plan(cfg, source, _open(cfg, src_path), processor_settings, shards)
+    storage.write_text(plan_uri, json.dumps(the_plan, indent=2, sort_keys=True, default=str))
+    return the_plan
+
+
+def read_plan(plan_uri: str) -> dict[str, Any]:
+    try:
+        text = storage.read_text(plan_uri)
+    except FileNotFoundError as e:
+        raise FanoutError(f"plan {plan_uri!r} does not exist; write it with `vlmtune prepare-data plan`") from e
+    try:
+        return fanout.check_plan(json.loads(text), repr(plan_uri))
+    except json.JSONDecodeError as e:
+        raise FanoutError(f"plan {plan_uri!r} is not JSON ({e.msg}); write it with `vlmtune prepare-data plan`") from e
+
+
+def part(plan_uri: str, item: int, part_uri: str) -> dict[str, Any]:
+    """Step 2 (one ParallelFor item): the part of ``item`` at ``part_uri``, its ``part.json`` written last. A
+    rerun first removes whatever an earlier, killed attempt left there."""
+    the_plan = read_plan(plan_uri)
+    cfg = fanout.plan_config(the_plan)
+    _clear_folder(part_uri)
+    with storage.local_input(the_plan["source"]) as src_path:
+        src = _open(cfg, src_path)
+        with storage.local_output(part_uri, last=(fanout.PART_MANIFEST,)) as part_dir:
+            manifest = fanout.process_item(the_plan, item, src, Path(part_dir))
+            storage.write_text(str(Path(part_dir) / fanout.PART_MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def finalize(plan_uri: str, part_uris: list[str], output: str) -> dict[str, Any]:
+    """Step 3: every item's part into the dataset at ``output``, its manifest written last. Refuses (FanoutError,
+    naming the items) unless every plan item has a finished part."""
+    started = time.time()
+    the_plan = read_plan(plan_uri)
+    with contextlib.ExitStack() as stack:
+        local_parts = []
+        for uri in part_uris:
+            try:
+                local_parts.append(stack.enter_context(storage.local_input(uri)))
+            except FileNotFoundError:  # never published (killed before its end): unfinished, named as such
+                local_parts.append(Path(storage.to_local_path(uri)) if not storage.is_remote(uri) else Path("/nonexistent-part"))
+        parts = fanout.match_parts(the_plan, [Path(p) for p in local_parts], list(part_uris))
+        _clear_output(output)
+        with storage.local_output(output) as out_dir:
+            manifest = _finalize_into(the_plan, parts, Path(out_dir), output, move=False)
+            manifest["seconds"] = round(time.time() - started, 2)
+            manifest["source"] = the_plan["source"]
+            manifest = artifacts.write_manifest(str(out_dir), manifest)
+    return manifest
+
+
+def _finalize_into(the_plan, parts, out_dir: Path, output: str, *, move: bool) -> dict[str, Any]:
+    # rejects.jsonl is staged with the shards: published before the manifest, never complete alone.
+    rejects_path = out_dir / REJECTS_FILE
+    try:
+        with open(rejects_path, "w", encoding="utf-8") as rejects_log:
+            return fanout.merge_parts(the_plan, parts, out_dir, rejects_log, move=move)
+    except TooManyInvalidRowsError as e:
+        e.rejects_file = _leave_rejects_list(rejects_path, output)
+        raise
+
+
+def _clear_folder(uri: str) -> None:
+    """Remove everything at ``uri`` (a part folder about to be rewritten): its marker first."""
+    storage.delete(storage.join(uri, fanout.PART_MANIFEST))
+    if storage.is_remote(uri):
+        for found in storage.list_files(uri):
+            storage.delete(found)
+    else:
+        shutil.rmtree(storage.to_local_path(uri), ignore_errors=True)
 
 
 def _leave_rejects_list(staged: Path, output: str) -> str | None:
@@ -146,164 +213,3 @@ def _clear_output(output: str) -> None:
                 storage.delete(uri)
         else:
             shutil.rmtree(storage.to_local_path(output) / split, ignore_errors=True)
-
-
-def _process(cfg, src, out_dir: Path, settings, processor_settings, source_uri: str, rejects_log) -> dict[str, Any]:
-    """Stream every source row into the shards; return the manifest (not yet written)."""
-    from tqdm.auto import tqdm
-
-    out_schema = arrow_schema(cfg.task)
-    writers = {s: ShardWriter(out_dir, s, out_schema, cfg.rows_per_shard, cfg.row_group_rows) for s in schema.SPLITS}
-    tally = Tally(rejects=Rejects(rejects_log))
-    identity = RowIdentity(reject_duplicate_content=cfg.duplicates == "reject")
-    image_stats = ImageStats(processor_settings)
-    hopeless = functools.partial(_hopeless, cfg, src.total_rows, tally)
-    workers = available_cpus() if cfg.num_workers is None else cfg.num_workers
-
-    bar = tqdm(total=src.total_rows, unit="row", desc="prepare-data", disable=not cfg.progress, mininterval=1.0)
-    try:
-        with ImagePool(workers, settings) as pool:
-            # Giving up early only stops the reading (tally.stopped_early): the chunks still in the workers come
-            # back and are counted, so the message's counts are exact.
-            for chunk, results in pool.process(_normalised_rows(src, cfg, tally, hopeless)):
-                for pending, (_, images) in zip(chunk, results):
-                    row = _accept(pending, images, cfg, tally, identity, image_stats)
-                    if row is not None and not tally.stopped_early:
-                        writers[split_of(row["id"], cfg.eval_fraction, cfg.seed)].add(row)
-                bar.update(len(chunk))
-                if tally.rejects.by_reason:
-                    bar.set_postfix_str(f"rejected={tally.rejects.count()}", refresh=False)
-                if not tally.stopped_early and hopeless():
-                    tally.stopped_early = True
-    finally:
-        bar.close()
-    if tally.stopped_early:
-        raise _too_many_invalid(cfg, source_uri, tally, early=True)
-
-    split_files = {s: writers[s].close() for s in schema.SPLITS}
-    _check_enough_valid_rows(cfg, tally, source_uri)
-    invalid = tally.rejects.invalid()
-    invalid_fraction = invalid / tally.rows_in
-    all_files = [out_dir / f for s in schema.SPLITS for f in split_files[s]]
-    return {
-        "kind": schema.DATASET_KIND,
-        "schema_version": 1,
-        "task": cfg.task,
-        "splits": {s: {"rows": writers[s].rows, "files": split_files[s]} for s in schema.SPLITS},
-        "content_hash": content_hash(all_files),
-        "counts": {
-            "rows_in": tally.rows_in,
-            "rows_out": tally.rows_out,
-            "rejected": tally.rejects.count(),
-            "invalid": invalid,
-            "invalid_fraction": round(invalid_fraction, 6),
-            "images_reencoded": image_stats.reencoded,
-            "images_passed_through": image_stats.passed_through,
-        },
-        "rejects": tally.rejects.as_dict(),
-        "rejects_file": REJECTS_FILE,
-        "processor_settings": processor_settings,
-        "images": image_stats.images_summary(settings.longest_edge),
-        "tokens_per_image": image_stats.tokens_per_image(),
-        "tokens_per_sample": image_stats.tokens_per_sample(),
-        "schema": {name: str(out_schema.field(name).type) for name in out_schema.names},
-        "config": to_dict(cfg),
-        "warnings": [
-            *src.notes,
-            *([f"{invalid} of {tally.rows_in} rows invalid ({invalid_fraction:.1%}), within max_invalid_fraction="
-               f"{cfg.max_invalid_fraction:.1%}; see rejects (every one in {REJECTS_FILE})"] if invalid else []),
-            *image_stats.warnings(),
-        ],
-    }
-
-
-def _normalised_rows(src, cfg, tally: Tally, hopeless) -> Iterator[PendingRow]:
-    """Source rows in the chat form, their images not yet processed; unreadable and unmappable rows are
-    counted as rejects and skipped. Stops reading once the run gives up (``tally.stopped_early``)."""
-    root = src.root
-    root_resolved = root.resolve()
-    root_prefix = os.path.join(str(root_resolved), "")
-    for index, raw in enumerate(iter_rows(src)):
-        if tally.stopped_early:
-            return
-        tally.rows_in += 1
-        label = raw.where.label
-        if raw.row is None:
-            tally.rejects.add(raw.reason, label, detail=raw.detail, where=raw.where)
-        else:
-            try:
-                source_id, text, category, refs = normalize_row(raw.row, cfg, root, root_resolved)
-            except RowRejected as e:
-                found = raw.row.get(cfg.id_column) if cfg.id_column else None
-                row_id = None if found is None or found == "" else str(found)
-                tally.rejects.add(e.reason, row_id or label, detail=e.detail, row_id=row_id, where=raw.where)
-            else:
-                yield PendingRow(index, label, source_id, text, category, refs, image_names(refs, root_prefix), raw.where)
-                continue
-        if hopeless():
-            tally.stopped_early = True
-            return
-
-
-def _accept(pending: PendingRow, images: list, cfg, tally: Tally, identity: RowIdentity,
-            image_stats: ImageStats) -> dict[str, Any] | None:
-    """The output row for a pending row and its processed images, or None when it is rejected (counted)."""
-    example = pending.source_id or pending.label
-    for name, image in zip(pending.image_names, images):
-        if isinstance(image, tuple):  # (reason, detail): the image was rejected
-            reason, detail = image
-            tally.rejects.add(reason, example, detail=f"{name}: {detail}" if detail else name,
-                              row_id=pending.source_id, where=pending.where)
-            return None
-    try:
-        row_id = identity.assign(pending, images)
-    except RowRejected as e:
-        tally.rejects.add(e.reason, example, detail=e.detail, row_id=pending.source_id, where=pending.where)
-        return None
-    image_stats.add_row(images)
-    tally.rows_out += 1
-    return {
-        "id": row_id,
-        "images": [{"bytes": image.data, "path": None} for image in images],
-        **pending.text,
-        "category": pending.category,
-    }
-
-
-def _hopeless(cfg, total_rows: int | None, tally: Tally) -> bool:
-    """Don't grind through a whole dataset that is bound to fail: give up when the invalid rows already exceed
-    the limit for the known total, or the first EARLY_ROWS rows all failed (a wrong column mapping)."""
-    invalid = tally.rejects.invalid()
-    return bool((total_rows and invalid > cfg.max_invalid_fraction * total_rows) or (
-        tally.rows_in >= EARLY_ROWS and invalid == tally.rows_in and cfg.max_invalid_fraction < 1.0
-    ))
-
-
-def _check_enough_valid_rows(cfg, tally: Tally, source_uri: str) -> None:
-    if tally.rows_in == 0:
-        summary = {"rows_in": 0, "rows_out": 0, "rejected": 0, "invalid": 0, "invalid_fraction": 0.0,
-                   "images_reencoded": 0, "images_passed_through": 0}
-        raise TooManyInvalidRowsError(f"source {source_uri!r} has no rows; nothing to prepare", {"counts": summary, "rejects": {}})
-    if tally.rejects.invalid() / tally.rows_in > cfg.max_invalid_fraction or tally.rows_out == 0:
-        raise _too_many_invalid(cfg, source_uri, tally, early=False)
-
-
-def _too_many_invalid(cfg, source_uri: str, tally: Tally, early: bool) -> TooManyInvalidRowsError:
-    rows_in, rejects = tally.rows_in, tally.rejects
-    invalid = rejects.invalid()
-    fraction = invalid / rows_in if rows_in else 0.0
-    where = f"after the first {rows_in} rows (stopped early) " if early else ""
-    reasons = ", ".join(
-        f"{r}={e['count']} (e.g. {', '.join(e['examples'][:3])})" for r, e in rejects.as_dict().items()
-    )
-    hint = ""
-    if any(r.startswith("column_not_found:") for r in rejects.by_reason):
-        hint = " Some columns named by the config are not in the source: set the column mapping (--preset NAME or --set question_column=...)."
-    return TooManyInvalidRowsError(
-        f"{where}{invalid} of {rows_in} rows of {source_uri!r} are invalid ({fraction:.1%}), above "
-        f"max_invalid_fraction={cfg.max_invalid_fraction:.1%}. Rejects by reason: {reasons}.{hint} Fix the source, "
-        "check the column mapping (--preset / --set image_column=...), or raise --max-invalid-fraction to accept the loss.",
-        {"counts": {"rows_in": rows_in, "rows_out": tally.rows_out, "rejected": rejects.count(), "invalid": invalid},
-         "rejects": rejects.as_dict()},
-        rejects.first,
-    )

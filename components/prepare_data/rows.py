@@ -257,19 +257,29 @@ class RowIdentity:
 
     def assign(self, pending: PendingRow, images: list) -> str:
         """The row id: the source id, else a hash of the row's content. Raises RowRejected on a repeat."""
-        content = hashlib.blake2b(digest_size=16)
-        content.update(json.dumps(pending.text, sort_keys=True).encode())
-        for image in images:
-            content.update(image.source_hash.encode())
-        content_key = int.from_bytes(content.digest()[:8], "big")
+        content_key, row_id = row_keys(pending, images)
+        self.check(content_key, row_id)
+        return row_id
+
+    def check(self, content_key: int, row_id: str) -> None:
+        """Record a row by its keys (from :func:`row_keys`); raises RowRejected when it repeats an earlier one.
+        Split from :meth:`assign` so prepare-data's finalize can dedupe rows that parts keyed separately."""
         if self.reject_duplicate_content:
             if content_key in self.seen_content:
                 raise RowRejected("duplicate", "the same text and image bytes as an earlier row (kept: the first; "
                                   "duplicates='keep' keeps repeats)")
             self.seen_content.add(content_key)
-        row_id = pending.source_id or content.hexdigest()
         id_key = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big")
         if id_key in self.seen_ids:
             raise RowRejected("duplicate_id", f"id {row_id!r} is already taken by an earlier row with other content")
         self.seen_ids.add(id_key)
-        return row_id
+
+
+def row_keys(pending: PendingRow, images: list) -> tuple[int, str]:
+    """(64-bit content key, row id) of a row: the key hashes its text and image bytes; the id is the source id,
+    else the content hash. Pure: a part of a fanned-out run computes them, its finalize dedupes on them."""
+    content = hashlib.blake2b(digest_size=16)
+    content.update(json.dumps(pending.text, sort_keys=True).encode())
+    for image in images:
+        content.update(image.source_hash.encode())
+    return int.from_bytes(content.digest()[:8], "big"), pending.source_id or content.hexdigest()

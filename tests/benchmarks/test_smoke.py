@@ -87,3 +87,15 @@ def test_tokens_benchmark_smoke_on_cpu(capsys):
     assert by_size["64x64"]["need"] == 4 + 3 and by_size["64x64"]["fixed"] > 4 * by_size["64x64"]["need"]
     assert summary["above_cap_unchanged"] is True and by_size["4000x3000"]["ratio"] == 1.0
     assert summary["sft_step"]["64x64"]["need"]["tiles"] == 1 and summary["sft_step"]["64x64"]["fixed"]["tiles"] == 5
+
+
+def test_prepare_fanout_smoke(tmp_path, capsys):
+    """Two items at once vs one container on a tiny source: same dataset (checked inside), figures reported."""
+    from benchmarks import prepare_fanout
+
+    result = prepare_fanout.main(["--rows", "12", "--items", "2", "--workdir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == result
+    assert result["same_content_hash"] and result["rows_out"] == 12 and result["items"] == 2
+    assert result["speedup"] > 0 and result["parallel_efficiency"] == pytest.approx(result["speedup"] / 2, abs=1e-3)
+    assert len(result["peak_rss_per_item_mb"]) == 2 and all(v > 0 for v in result["peak_rss_per_item_mb"])

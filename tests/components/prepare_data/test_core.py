@@ -15,7 +15,7 @@ from PIL import Image
 
 from components.common import artifacts, schema
 from components.common.config import ConfigError, build_config
-from components.prepare_data import cli, core
+from components.prepare_data import cli, core, fanout
 from components.prepare_data.rows import split_of
 from components.common.dataset import ShardWriter, load_split
 from components.prepare_data.config import PrepareDataConfig
@@ -349,7 +349,7 @@ def test_wrong_column_mapping_names_the_column_and_stops_early(tmp_path, monkeyp
     for r in rows:
         r["query"] = r.pop("question")
     (src / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(core, "EARLY_ROWS", 8)
+    monkeypatch.setattr(fanout, "EARLY_ROWS", 8)  # the give-up rule lives where parts run
     with pytest.raises(core.TooManyInvalidRowsError, match=r"stopped early.*column_not_found:question=\d+ \(e.g. row-0.*--set question_column"):
         core.run(cfg(), str(src), str(tmp_path / "out"))
     m = core.run(cfg(question_column="query"), str(src), str(tmp_path / "out"))
