@@ -118,6 +118,9 @@ def step_figures(task: str, outputs: dict[str, str], params: dict[str, Any] | No
             return ""
         first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
         loss = f"loss {first:.3g} -> {last:.3g}" if first is not None and last is not None else f"loss {metrics.get('train_loss', 0):.3g}"
+        first_eval, last_eval = metrics.get("first_eval_loss"), metrics.get("last_eval_loss")
+        if first_eval is not None and last_eval is not None:
+            loss += f", eval loss {first_eval:.3g} -> {last_eval:.3g}"
         return f"{metrics.get('global_steps')} steps on {metrics.get('train_rows')} rows, {loss}"
     if task == "evaluate":
         m = _manifest(outputs.get("evaluation"))

@@ -47,6 +47,20 @@ def filter_pairs_by_token_budget(dataset, processor, max_length: int, max_too_lo
     return dataset.select(keep).add_column("length", lengths), too_long
 
 
+def sequential_eval(trainer_class):
+    """``trainer_class`` scoring held-out pairs in order. transformers groups eval batches by length too when
+    training does, and TRL's processing of the eval pairs leaves no ``length`` column to group by; the mean DPO
+    loss does not depend on the order, so plain order is used."""
+    from torch.utils.data import SequentialSampler
+
+    class SequentialEval(trainer_class):
+        def _get_eval_sampler(self, eval_dataset):
+            return SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+    SequentialEval.__name__ = trainer_class.__name__
+    return SequentialEval
+
+
 def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
     from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
@@ -107,22 +121,34 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     else:
         train = dataset.split("train")
     train, dropped = filter_pairs_by_token_budget(train, processor, config.max_length, config.max_too_long_fraction)
-    train = train.remove_columns([c for c in train.column_names if c not in ("prompt", "chosen", "rejected", "images", "length")])
+    keep_columns = ("prompt", "chosen", "rejected", "images", "length")
+    train = train.remove_columns([c for c in train.column_names if c not in keep_columns])
+    # Held-out pairs for the eval loss (eval_steps > 0): the preference dataset's eval split; pairs made from
+    # mistakes have none (making them would mean generating on the eval split), so the curve is train-only then.
+    held_out = None
+    if config.eval_steps > 0 and not from_mistakes and "eval" in dataset.manifest.get("splits", {}):
+        held_out = dataset.split("eval")
+        if config.eval_loss_rows:
+            held_out = held_out.select(range(min(config.eval_loss_rows, held_out.num_rows)))
+        held_out, _ = filter_pairs_by_token_budget(held_out, processor, config.max_length, 1.0)
+        held_out = held_out.remove_columns([c for c in held_out.column_names if c not in keep_columns])
+        held_out = held_out if held_out.num_rows else None
 
     base, _ = load_trainable_model(config)
     model = PeftModel.from_pretrained(base, str(sft_local / "adapter"), is_trainable=True)
     main_process = is_main_process()
     with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-dpo-", output_uri) as work:
         args = DPOConfig(
-            **common_training_arguments(config, work, checkpoint_uri),
+            **common_training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None),
             beta=config.beta,
             loss_type=[config.loss_type],
         )
         # Exact resume: each epoch's order a function of (seed, epoch), run totals kept, no step past the last.
-        trainer = with_exact_resume(DPOTrainer)(
+        trainer = sequential_eval(with_exact_resume(DPOTrainer))(
             model=model,
             args=args,
             train_dataset=train,
+            eval_dataset=held_out,
             processing_class=processor,
             callbacks=[make_checkpoint_callback(checkpoint_uri), TensorBoardCallback(SummaryWriter(str(out / "tensorboard")))],
         )
@@ -133,6 +159,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         rewards = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         metrics.update({
             "pairs_over_token_budget": dropped,
+            "eval_loss_rows": held_out.num_rows if held_out is not None else 0,
             "pairs_from_sft_mistakes": mistakes,
             "final_reward_accuracy": rewards[-1]["rewards/accuracies"] if rewards else None,
             "final_reward_margin": rewards[-1].get("rewards/margins") if rewards else None,

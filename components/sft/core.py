@@ -68,7 +68,20 @@ class PaddingCounter:
         return {"padded_tokens_per_real_token": (self.positions - self.real) / self.real if self.real else None}
 
 
-def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: str | None = None):
+def held_out_rows(dataset, collator: VisionSFTCollator, config) -> Any:
+    """The eval rows the training loss is compared with (``eval_steps`` > 0): the first ``eval_loss_rows`` of the
+    eval split within the token budget, or None when off or the split is absent/empty. Only a loss is taken on
+    them; nothing is selected by it, so evaluate's accuracy on the same split stays an honest held-out figure."""
+    if config.eval_steps <= 0 or "eval" not in dataset.manifest.get("splits", {}):
+        return None
+    rows = dataset.split("eval")
+    if config.eval_loss_rows:
+        rows = rows.select(range(min(config.eval_loss_rows, rows.num_rows)))
+    rows, _ = filter_by_token_budget(rows, collator, 1.0, what="eval")
+    return rows if rows.num_rows else None
+
+
+def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: str | None = None, evaluating: bool = False):
     """TRL ``SFTConfig`` for our step: the device's precision/optimizer, length-grouped batches (the dataset
     carries a ``length`` column), our own collator (TRL's dataset preparation is skipped), no truncation."""
     from trl import SFTConfig
@@ -76,7 +89,7 @@ def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: s
     from components.common.training.arguments import common_training_arguments
 
     return SFTConfig(
-        **common_training_arguments(config, output_dir, checkpoint_uri),
+        **common_training_arguments(config, output_dir, checkpoint_uri, evaluating),
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
@@ -118,11 +131,12 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
     train, dropped = filter_by_token_budget(dataset.split("train"), collator, config.max_too_long_fraction)
     if train.num_rows == 0:
         raise ValueError(f"{dataset_uri!r} has no train rows within the token budget; nothing to train on")
+    held_out = held_out_rows(dataset, collator, config)
 
     model, peft_config = load_trainable_model(config)
     main_process = is_main_process()
     with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-sft-", output_uri) as work:
-        args = training_arguments(config, work, checkpoint_uri)
+        args = training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None)
         counting = PaddingCounter(collator)
         checkpoints = make_checkpoint_callback(checkpoint_uri)
         # Exact resume: each epoch's order a function of (seed, epoch), run totals kept, no step past the last.
@@ -130,6 +144,7 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
             model=model,
             args=args,
             train_dataset=train,
+            eval_dataset=held_out,
             data_collator=counting,
             processing_class=processor,
             peft_config=peft_config,
@@ -139,7 +154,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
         resume_from = fetch_checkpoint(checkpoint_uri, Path(work))
         result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = training_metrics(trainer, result, train.num_rows, started, resume_from)
-        metrics.update({"rows_over_token_budget": dropped, **counting.metrics()})
+        metrics.update({"rows_over_token_budget": dropped, "eval_loss_rows": held_out.num_rows if held_out is not None else 0,
+                        **counting.metrics()})
         if not main_process:  # multi-process run: rank 0 writes the artifact; the others wait for it
             return manifest_from_rank_zero(output_uri)
         write_training_outputs(out, trainer, processor, config, metrics, "SFT")

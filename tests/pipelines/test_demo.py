@@ -61,3 +61,21 @@ def test_run_params_are_checked_before_the_demo_inputs_exist(tmp_path):
     data.mkdir()
     params, to_build = resolve_run_params(tmp_path / "work", sets=[f"sft_source={data}", "base_model=org/model"])
     assert to_build == ("preference_source",) and params["sft_source"] == str(data)
+
+
+def test_training_figures_show_the_eval_loss_when_it_was_logged(tmp_path):
+    import json
+
+    from pipelines.demo import step_figures
+
+    def model_with(metrics):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"kind": "vlmtune.model", "metrics": metrics}))
+        return {"model": str(folder)}
+
+    base = {"global_steps": 40, "train_rows": 480, "first_logged_loss": 6.3, "last_logged_loss": 0.51}
+    assert step_figures("sft", model_with({**base, "first_eval_loss": None, "last_eval_loss": None})) == \
+        "40 steps on 480 rows, loss 6.3 -> 0.51"
+    assert step_figures("sft", model_with({**base, "first_eval_loss": 5.9, "last_eval_loss": 0.62})) == \
+        "40 steps on 480 rows, loss 6.3 -> 0.51, eval loss 5.9 -> 0.62"

@@ -5,10 +5,12 @@ from components.common.modeling import device_settings
 from components.common.training.model import use_gradient_checkpointing
 
 
-def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None) -> dict:
+def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None, evaluating: bool = False) -> dict:
     """The TrainingArguments both SFT and DPO take from our config: schedule, precision/optimizer for the device,
     checkpoints only when there is somewhere to publish them, batches grouped by length (each step gives its
-    dataset a ``length`` column) or shuffled, no truncation (the steps drop over-budget rows)."""
+    dataset a ``length`` column) or shuffled, no truncation (the steps drop over-budget rows). With ``evaluating``
+    (the step has held-out rows and ``eval_steps`` > 0) the loss on them is logged every ``eval_steps`` steps; it
+    is only reported (``load_best_model_at_end`` stays off: nothing is selected on the split evaluate scores)."""
     settings = device_settings()
     return dict(
         output_dir=output_dir,
@@ -23,6 +25,10 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         logging_steps=config.logging_steps,
         save_strategy="steps" if checkpoint_uri else "no",
         save_steps=config.save_steps,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=config.eval_steps if evaluating else None,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        load_best_model_at_end=False,
         # Each local checkpoint is deleted once published (checkpoints.py); the limit bounds the work folder even
         # if that fails. Resume needs only the newest published one.
         save_total_limit=1,

@@ -39,6 +39,8 @@ class TrainingConfig:
     seed: int = field(default=42, metadata={"help": "Seed for data order, LoRA init and dropout."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimiser steps."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N steps to checkpoint_uri."})
+    eval_steps: int = field(default=0, metadata={"help": "Loss on held-out eval rows every N optimiser steps, beside the training loss in the loss curve (0: off). Only reported: no checkpoint is chosen by it."})
+    eval_loss_rows: int = field(default=64, metadata={"help": "With eval_steps: the first N eval rows (0: all) are scored, so each check stays cheap."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also write a merged full model (base reloaded in full precision)."})
     cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: torch's default). Tiny models train fastest on 1."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless you trust it)."})
@@ -65,6 +67,8 @@ class TrainingConfig:
         for name in ("nodes", "gpus_per_node", "lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_steps < 0 or self.eval_loss_rows < 0:
+            problems.append(f"eval_steps and eval_loss_rows must be >= 0, got {self.eval_steps} and {self.eval_loss_rows}")
         if not 0 < self.learning_rate < 1:
             problems.append(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:

@@ -48,11 +48,15 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    held_out = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if points:
-        ax.plot(*zip(*points), marker=".")
+        ax.plot(*zip(*points), marker=".", label="training loss")
+    if held_out:
+        ax.plot(*zip(*held_out), marker="o", label="eval loss (held-out rows)")
+        ax.legend()
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -74,12 +78,15 @@ def training_metrics(trainer, train_result, rows: int, started: float, resumed_f
     trainable, total = trainable_parameter_count(trainer.model)
     runtime = train_result.metrics.get("train_runtime") or (time.time() - started)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     tokens_this_run = tokens_seen - getattr(trainer, "tokens_before_resume", 0)
     return {
         "train_loss": float(train_result.training_loss),
         "first_logged_loss": float(losses[0]) if losses else None,
         "last_logged_loss": float(losses[-1]) if losses else None,
+        "first_eval_loss": float(eval_losses[0]) if eval_losses else None,
+        "last_eval_loss": float(eval_losses[-1]) if eval_losses else None,
         "global_steps": int(trainer.state.global_step),
         "steps_this_run": int(trainer.state.global_step) - getattr(trainer, "steps_before_resume", 0),
         "resumed_from": Path(resumed_from).name if resumed_from else None,

@@ -35,3 +35,18 @@ def test_dpo_refuses_an_sft_dataset(tmp_path, prepared_sft, sft_model_dir):
 
     with pytest.raises(ValueError, match="preference"):
         run(build_config(DPOStepConfig, TINY_TRAINING), str(prepared_sft), str(sft_model_dir), str(tmp_path / "x"))
+
+
+def test_dpo_logs_eval_loss_on_held_out_pairs(tmp_path, prepared_preference, sft_model_dir):
+    import json
+
+    from components.common.config import build_config
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    out = tmp_path / "dpo-eval"
+    manifest = run(build_config(DPOStepConfig, {**TINY_TRAINING, "max_steps": 2, "eval_steps": 1, "eval_loss_rows": 3}),
+                   str(prepared_preference), str(sft_model_dir), str(out))
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [1, 2]
+    assert manifest["metrics"]["eval_loss_rows"] == 3 and manifest["metrics"]["last_eval_loss"] is not None

@@ -80,3 +80,40 @@ def test_invalid_config_reports_every_problem_at_once():
     message = str(info.value)
     for fragment in ("base_model is required", "needs quantization", "lora_r must be > 0"):
         assert fragment in message
+
+
+def test_eval_loss_is_logged_beside_training_loss_and_plotted(tmp_path, prepared_sft, tiny_model_dir):
+    from components.common.config import build_config
+    from components.sft.config import SFTStepConfig
+    from components.sft.core import run
+
+    out = tmp_path / "sft"
+    manifest = run(build_config(SFTStepConfig, {**TINY_TRAINING, "base_model": str(tiny_model_dir), "max_steps": 4,
+                                                "eval_steps": 2, "eval_loss_rows": 5}), str(prepared_sft), str(out))
+    history = json.loads((out / "log_history.json").read_text())
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]  # every eval_steps optimiser steps
+    metrics = manifest["metrics"]
+    assert metrics["eval_loss_rows"] == 5
+    assert metrics["first_eval_loss"] == evals[0]["eval_loss"] and metrics["last_eval_loss"] == evals[-1]["eval_loss"]
+    assert metrics["last_eval_loss"] > 0
+    assert (out / "loss_curve.png").stat().st_size > 0
+
+
+def test_eval_loss_is_off_by_default(sft_model_dir):
+    history = json.loads((sft_model_dir / "log_history.json").read_text())
+    assert not any("eval_loss" in h for h in history)
+    assert json.loads((sft_model_dir / "manifest.json").read_text())["metrics"]["last_eval_loss"] is None
+
+
+def test_loss_curve_draws_the_eval_loss_when_logged(tmp_path):
+    from PIL import Image
+
+    from components.common.training.outputs import plot_loss_curve
+
+    train_only = [{"step": s, "loss": 2.0 / s} for s in range(1, 9)]
+    with_eval = train_only + [{"step": s, "eval_loss": 1.5 / s} for s in (4, 8)]
+    plot_loss_curve(train_only, tmp_path / "a.png", "SFT")
+    plot_loss_curve(with_eval, tmp_path / "b.png", "SFT")
+    # The eval line and its legend change the picture.
+    assert Image.open(tmp_path / "a.png").tobytes() != Image.open(tmp_path / "b.png").tobytes()
