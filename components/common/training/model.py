@@ -27,6 +27,20 @@ def lora_config(config, task_type: str = "CAUSAL_LM"):
     )
 
 
+def text_activation_units(base_model: str, trust_remote_code: bool = False) -> int | None:
+    """Layers x hidden size of the model's text decoder: what the activations kept for the backward pass grow
+    with per token. None when the config cannot be read or has neither field."""
+    try:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the model load itself
+        return None
+    text = getattr(model_config, "text_config", None) or model_config
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    return int(layers) * int(hidden) if layers and hidden else None
+
+
 def use_gradient_checkpointing(config) -> bool:
     value = str(config.gradient_checkpointing).lower()
     return device_settings().device == "cuda" if value == "auto" else value == "true"
