@@ -41,9 +41,28 @@ def text_activation_units(base_model: str, trust_remote_code: bool = False) -> i
     return int(layers) * int(hidden) if layers and hidden else None
 
 
+# ``gradient_checkpointing: auto`` on a CPU: on when the text decoder's layers x hidden size is at least this.
+# Measured by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2, one thread; results in
+# benchmarks/results/gradient_checkpointing.json): the tiny demo model (2 x 64 = 128) gains nothing from it
+# (same peak RSS) and pays ~20% more CPU per step; a SmolVLM-256M-shaped model (30 x 576 = 17,280) keeps
+# activations that grow with layers x hidden x tokens, and checkpointing cuts its peak RSS at a bounded time cost
+# (see the JSON). The threshold sits between the small test/benchmark models (<= 4 x 256 = 1,024) and the
+# smallest real SmolVLM (17,280): a model with 8,192+ units per token is a real model whose memory, not its
+# speed, is what ends a CPU run (13.1 GB at SmolVLM-256M's own 2048 px image size without checkpointing).
+CPU_CHECKPOINTING_MIN_TEXT_UNITS = 8192
+
+
 def use_gradient_checkpointing(config) -> bool:
+    """``true``/``false`` as given; ``auto``: on for CUDA (memory is the limit there), and on a CPU only for a
+    model big enough that checkpointing saves memory worth its recomputation (``CPU_CHECKPOINTING_MIN_TEXT_UNITS``);
+    off when the base model's config cannot be read."""
     value = str(config.gradient_checkpointing).lower()
-    return device_settings().device == "cuda" if value == "auto" else value == "true"
+    if value != "auto":
+        return value == "true"
+    if device_settings().device == "cuda":
+        return True
+    units = text_activation_units(config.base_model, config.trust_remote_code) if config.base_model else None
+    return units is not None and units >= CPU_CHECKPOINTING_MIN_TEXT_UNITS
 
 
 def load_trainable_model(config):
