@@ -41,28 +41,37 @@ def text_activation_units(base_model: str, trust_remote_code: bool = False) -> i
     return int(layers) * int(hidden) if layers and hidden else None
 
 
-# ``gradient_checkpointing: auto`` on a CPU: on when the text decoder's layers x hidden size is at least this.
-# Measured by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2, one thread; results in
-# benchmarks/results/gradient_checkpointing.json): the tiny demo model (2 x 64 = 128) gains nothing from it
-# (same peak RSS) and pays ~20% more CPU per step; a SmolVLM-256M-shaped model (30 x 576 = 17,280) keeps
-# activations that grow with layers x hidden x tokens, and checkpointing cuts its peak RSS at a bounded time cost
-# (see the JSON). The threshold sits between the small test/benchmark models (<= 4 x 256 = 1,024) and the
-# smallest real SmolVLM (17,280): a model with 8,192+ units per token is a real model whose memory, not its
-# speed, is what ends a CPU run (13.1 GB at SmolVLM-256M's own 2048 px image size without checkpointing).
-CPU_CHECKPOINTING_MIN_TEXT_UNITS = 8192
+# ``gradient_checkpointing: auto`` on a CPU, chosen by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2,
+# one thread; benchmarks/results/gradient_checkpointing.json). On a CPU checkpointing costs much more than the
+# textbook third: SmolVLM-256M-shaped at 512 px (84 tokens/sample) took 2.31x the CPU time per step for 4% less
+# peak RSS (the model load, not activations, sets the peak there); the tiny demo model 1.2x for nothing. It pays
+# only when activations, not the model, set the peak: a SmolVLM-256M run at its own 2048 px images (1,128 tokens
+# per sample) peaked at 13.1 GB without it. So: on when the activations a batch keeps without checkpointing are
+# estimated at >= 2 GiB. Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
+# values per hidden unit per layer and token: attention inputs/outputs, the MLP's 2.7x-wide intermediates, norms).
+ACTIVATION_BYTES_PER_TOKEN_UNIT = 136
+CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES = 2 * 2**30
 
 
-def use_gradient_checkpointing(config) -> bool:
-    """``true``/``false`` as given; ``auto``: on for CUDA (memory is the limit there), and on a CPU only for a
-    model big enough that checkpointing saves memory worth its recomputation (``CPU_CHECKPOINTING_MIN_TEXT_UNITS``);
-    off when the base model's config cannot be read."""
+def estimated_activation_bytes(config, longest_row_tokens: int | None) -> int | None:
+    """Activations one batch keeps for the backward pass without checkpointing (see above); None if unknown."""
+    units = text_activation_units(config.base_model, config.trust_remote_code) if config.base_model else None
+    if units is None or not longest_row_tokens:
+        return None
+    return config.per_device_train_batch_size * int(longest_row_tokens) * units * ACTIVATION_BYTES_PER_TOKEN_UNIT
+
+
+def use_gradient_checkpointing(config, longest_row_tokens: int | None = None) -> bool:
+    """``true``/``false`` as given; ``auto``: on for CUDA (memory is the limit there); on a CPU only when the
+    estimated activations of a batch (``estimated_activation_bytes``: the model's config and the longest row's
+    tokens) reach ``CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES``; off when either is unknown."""
     value = str(config.gradient_checkpointing).lower()
     if value != "auto":
         return value == "true"
     if device_settings().device == "cuda":
         return True
-    units = text_activation_units(config.base_model, config.trust_remote_code) if config.base_model else None
-    return units is not None and units >= CPU_CHECKPOINTING_MIN_TEXT_UNITS
+    estimate = estimated_activation_bytes(config, longest_row_tokens)
+    return estimate is not None and estimate >= CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES
 
 
 def load_trainable_model(config):

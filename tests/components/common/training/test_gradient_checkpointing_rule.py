@@ -1,4 +1,4 @@
-"""``gradient_checkpointing: auto``: on for CUDA; on a CPU decided by the text decoder's size (layers x hidden),
+"""``gradient_checkpointing: auto``: on for CUDA; on a CPU decided by the activations a batch keeps (batch x longest row x layers x hidden),
 the rule chosen from benchmarks/gradient_checkpointing.py's measurement (common/training/model.py)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from components.sft.config import SFTStepConfig
 
 
 def _config(base_model: str, value: str = "auto"):
-    return build_config(SFTStepConfig, {"base_model": base_model, "gradient_checkpointing": value})
+    return build_config(SFTStepConfig, {"base_model": base_model, "gradient_checkpointing": value, "per_device_train_batch_size": 2})
 
 
 def _real_shape_config_only(folder) -> str:
@@ -22,16 +22,26 @@ def _real_shape_config_only(folder) -> str:
     return str(folder)
 
 
-def test_auto_on_cpu_is_off_for_the_tiny_model_and_on_for_the_real_shape(tmp_path, tiny_model_dir):
-    from components.common.training.model import CPU_CHECKPOINTING_MIN_TEXT_UNITS, text_activation_units, use_gradient_checkpointing
+def test_auto_on_cpu_follows_the_estimated_activations(tmp_path, tiny_model_dir):
+    """Measured cases: SmolVLM-256M at 512 px (84 tokens/row, batch 2) stays off (2.3x the time for 4% less RSS);
+    at its own 2048 px (1,128 tokens/row) it turns on (13.1 GB peak without); the tiny model never does."""
+    from components.common.training.model import (
+        CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES, estimated_activation_bytes, text_activation_units, use_gradient_checkpointing)
 
     real = _real_shape_config_only(tmp_path / "smolvlm-256m")
-    assert text_activation_units(str(tiny_model_dir)) == 2 * 64 < CPU_CHECKPOINTING_MIN_TEXT_UNITS
-    assert text_activation_units(real) == 30 * 576 >= CPU_CHECKPOINTING_MIN_TEXT_UNITS
-    assert use_gradient_checkpointing(_config(str(tiny_model_dir))) is False
-    assert use_gradient_checkpointing(_config(real)) is True
-    # An explicit setting always wins over the rule.
-    assert use_gradient_checkpointing(_config(real, "false")) is False
+    assert text_activation_units(str(tiny_model_dir)) == 2 * 64
+    assert text_activation_units(real) == 30 * 576
+    assert estimated_activation_bytes(_config(real), 1128) == 2 * 1128 * 30 * 576 * 136
+    assert use_gradient_checkpointing(_config(real), longest_row_tokens=84) is False
+    assert use_gradient_checkpointing(_config(real), longest_row_tokens=1128) is True
+    assert use_gradient_checkpointing(_config(str(tiny_model_dir)), longest_row_tokens=2048) is False
+    # the threshold is the estimate, so batch size moves it: batch 1 at 1,128 tokens is 2.5 GiB -> still on, 400 -> off
+    one = build_config(SFTStepConfig, {"base_model": real, "per_device_train_batch_size": 1})
+    assert use_gradient_checkpointing(one, 1128) is True and use_gradient_checkpointing(one, 400) is False
+    assert estimated_activation_bytes(one, 400) < CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES
+    # Unknown row length: off. An explicit setting always wins over the rule.
+    assert use_gradient_checkpointing(_config(real)) is False
+    assert use_gradient_checkpointing(_config(real, "false"), 1128) is False
     assert use_gradient_checkpointing(_config(str(tiny_model_dir), "true")) is True
 
 
