@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SFT_ROWS, PREFERENCE_ROWS = 10, 6
+SFT_ROWS, PREFERENCE_ROWS = 12, 10  # eval_fraction 0.3 splits these 11/1 and 5/5 (both splits non-empty)
 
 
 def _manifests(root: Path) -> dict[str, list[tuple[Path, dict]]]:
@@ -70,7 +70,7 @@ def test_whole_pipeline_at_smolvlm_256m_shape(tmp_path):
     config = {
         "base_model": str(model), "sft_source": str(data / "sft"), "preference_source": str(data / "preference"),
         "registry": str(tmp_path / "registry"), "registry_name": "smolvlm-256m-shape",
-        "prepare_config": {"eval_fraction": 0.2, "longest_edge": 512},
+        "prepare_config": {"eval_fraction": 0.3, "longest_edge": 512},
         "sft_config": training, "dpo_config": {**training, "beta": 0.1},
         "eval_config": {"metric": "exact_match", "min_delta": -1.0, "batch_size": 2, "max_new_tokens": 2, "cpu_threads": 1},
     }
