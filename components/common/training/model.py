@@ -42,13 +42,14 @@ def text_activation_units(base_model: str, trust_remote_code: bool = False) -> i
 
 
 # ``gradient_checkpointing: auto`` on a CPU, chosen by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2,
-# one thread; benchmarks/results/gradient_checkpointing.json). On a CPU checkpointing costs much more than the
+# one thread; `python benchmarks/readme_figures.py --only gradient_checkpointing` saves its JSON under
+# benchmarks/results/, not yet done: the figures below are from its 2026-12-03 run's log). On a CPU checkpointing costs much more than the
 # textbook third: SmolVLM-256M-shaped at 512 px (84 tokens/sample) took 2.31x the CPU time per step for 4% less
 # peak RSS (the model load, not activations, sets the peak there); the tiny demo model 1.2x for nothing. It pays
 # only when activations, not the model, set the peak: a SmolVLM-256M run at its own 2048 px images (1,128 tokens
 # per sample) peaked at 13.1 GB without it, and at 1024 px (351 tokens/sample, batch 2) 5.5 GB against 2.9 GB at 512
-# px (the 1024 px run with checkpointing had not finished when this rule was set: rerun the benchmark to confirm). So: on when the activations a batch keeps without checkpointing are
-# estimated at >= 2 GiB. Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
+# px (the 1024 px run with checkpointing had not finished when this rule was set: rerun the benchmark to
+# confirm). So: on when the activations a batch keeps without checkpointing are estimated at >= 2 GiB. Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
 # values per hidden unit per layer and token: attention inputs/outputs, the MLP's 2.7x-wide intermediates, norms).
 ACTIVATION_BYTES_PER_TOKEN_UNIT = 136
 CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES = 2 * 2**30
