@@ -40,20 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# HuggingFaceTB/SmolVLM-256M-Instruct, written out from memory of its config.json (no hub access here).
-# Sure: Idefics3 layout, SigLIP vision 768 hidden / 12 layers / 12 heads / patch 16 / 512 px, Llama text
-# 576 hidden / 30 layers / 9 heads / 3 KV heads / 1536 MLP, vocab 49280, pixel-shuffle scale_factor 4
-# (so 64 tokens per 512 px tile), processor longest_edge 2048 with 512 px tiles.
-# Less sure (do not change FLOPs or memory much): rope_theta 100000, max_position_embeddings 8192,
-# rms_norm_eps 1e-5, tie_word_embeddings False (SmolLM2-135M ties them; a tie would save ~28M parameters).
+# HuggingFaceTB/SmolVLM-256M-Instruct's shape lives in components/common/model_shapes.py (shared with the slow-tier
+# real-shape pipeline test and benchmarks/gradient_checkpointing.py).
+from components.common.model_shapes import SMOLVLM_256M as _SMOLVLM_256M_SHAPE, build_shaped_model  # noqa: E402
+
 SMOLVLM_256M = {
-    "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "image_size": 512, "patch_size": 16},
-    "text": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-             "num_key_value_heads": 3, "vocab_size": 49280, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-             "rms_norm_eps": 1e-5},
-    "scale_factor": 4,
-    "longest_edge": 2048,
+    **_SMOLVLM_256M_SHAPE,
     "image_scale": 8,  # generated images are 8x the CPU benchmark's (e.g. 1024x1024, 1536x512)
 }
 SMOKE = {
@@ -73,33 +65,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e
 
 def build_model(folder: Path, spec: dict) -> Path:
     """Random-weight Idefics3 of ``spec`` + a SmolVLM-style processor (locally trained tokenizer)."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
-
-    from components.common.tiny_model import SMOLVLM_CHAT_TEMPLATE, build_tokenizer
-
-    tokenizer = build_tokenizer()  # ids < 1024; the extra embedding rows of a 49280 vocab are simply unused
-    vision, text = spec["vision"], spec["text"]
-    tile = vision["image_size"]
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(size={"longest_edge": spec["longest_edge"]}, max_image_size={"longest_edge": tile},
-                                               do_image_splitting=True),
-        tokenizer=tokenizer, image_seq_len=(tile // vision["patch_size"]) ** 2 // spec["scale_factor"] ** 2,
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
-    )
-    config = Idefics3Config(
-        vision_config=dict(vision),
-        text_config={"model_type": "llama", **text, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False},
-        scale_factor=spec["scale_factor"], image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder
+    return build_shaped_model(folder, spec)
 
 
 def make_data(workdir: Path, model: Path, rows: int, image_scale: int) -> Path:

@@ -107,6 +107,18 @@ def _rows_fanout(r: dict[str, Any]) -> list[list[str]]:
              f"(ceiling {r['cores']}x on {r['cores']} cores)"]]
 
 
+def _rows_gradient_checkpointing(r: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, case in r["cases"].items():
+        off, on = case["off"], case["on"]
+        rows.append([f"gradient checkpointing on CPU, {name} (QLoRA SFT, batch {r['batch_size']}, "
+                     f"{on['real_tokens_per_sample']:.0f} tokens/sample, 1 thread)",
+                     f"on: {on['cpu_s_per_step']:.2f} CPU-s/step, {_mb(on['peak_rss_mb'])} peak RSS",
+                     f"off: {off['cpu_s_per_step']:.2f} CPU-s/step, {_mb(off['peak_rss_mb'])}",
+                     f"time **{case['cpu_time_ratio_on_vs_off']:.2f}x**, RSS **{case['peak_rss_ratio_on_vs_off']:.2f}x**"])
+    return rows
+
+
 #: name -> (command, rows of the table from its JSON). Commands run from the repository root.
 BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[list[str]]]]] = {
     "prepare_data": (["benchmarks/prepare_data.py", "--rows", "2000"], _rows_prepare),
@@ -114,6 +126,7 @@ BENCHMARKS: dict[str, tuple[list[str], Callable[[dict], list[list[str]]]]] = {
     "train_throughput": (["benchmarks/train_throughput.py"], _rows_train),
     "tokens": (["benchmarks/tokens.py"], _rows_tokens),
     "prepare_fanout": (["benchmarks/prepare_fanout.py", "--rows", "2000"], _rows_fanout),
+    "gradient_checkpointing": (["benchmarks/gradient_checkpointing.py"], _rows_gradient_checkpointing),
 }
 
 

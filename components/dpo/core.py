@@ -139,7 +139,9 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
     main_process = is_main_process()
     with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-dpo-", output_uri) as work:
         args = DPOConfig(
-            **common_training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None),
+            # chosen and rejected both go through the model: twice the rows of the longest pair
+            **common_training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None,
+                                        longest_row_tokens=2 * max(train["length"])),
             beta=config.beta,
             loss_type=[config.loss_type],
         )

@@ -81,7 +81,8 @@ def held_out_rows(dataset, collator: VisionSFTCollator, config) -> Any:
     return rows if rows.num_rows else None
 
 
-def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: str | None = None, evaluating: bool = False):
+def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: str | None = None,
+                       evaluating: bool = False, longest_row_tokens: int | None = None):
     """TRL ``SFTConfig`` for our step: the device's precision/optimizer, length-grouped batches (the dataset
     carries a ``length`` column), our own collator (TRL's dataset preparation is skipped), no truncation."""
     from trl import SFTConfig
@@ -89,7 +90,7 @@ def training_arguments(config: SFTStepConfig, output_dir: str, checkpoint_uri: s
     from components.common.training.arguments import common_training_arguments
 
     return SFTConfig(
-        **common_training_arguments(config, output_dir, checkpoint_uri, evaluating),
+        **common_training_arguments(config, output_dir, checkpoint_uri, evaluating, longest_row_tokens),
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
@@ -136,7 +137,8 @@ def run(config: SFTStepConfig, dataset_uri: str, output_uri: str, checkpoint_uri
     model, peft_config = load_trainable_model(config)
     main_process = is_main_process()
     with output_folder(output_uri, main_process) as out, trainer_work_dir("vlmtune-sft-", output_uri) as work:
-        args = training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None)
+        args = training_arguments(config, work, checkpoint_uri, evaluating=held_out is not None,
+                                  longest_row_tokens=max(train["length"]))
         counting = PaddingCounter(collator)
         checkpoints = make_checkpoint_callback(checkpoint_uri)
         # Exact resume: each epoch's order a function of (seed, epoch), run totals kept, no step past the last.

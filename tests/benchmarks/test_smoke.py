@@ -42,6 +42,26 @@ def test_gpu_qlora_smoke_on_cpu(tmp_path, capsys):
     assert summary["ours"]["gradient_checkpointing"] is False  # auto: off on CPU, on with CUDA
 
 
+def test_gradient_checkpointing_smoke_on_cpu(tmp_path, capsys):
+    """Both settings run side by side on the tiny model; the JSON line carries what the README row needs."""
+    from benchmarks import gradient_checkpointing
+
+    summary = gradient_checkpointing.main(["--smoke", "--workdir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["cases"].keys() == summary["cases"].keys() == {"tiny"}
+    case = summary["cases"]["tiny"]
+    assert (case["off"]["gradient_checkpointing"], case["on"]["gradient_checkpointing"]) == (False, True)
+    for setting in ("off", "on"):
+        assert case[setting]["steps"] == 2 and case[setting]["cpu_s_per_step"] > 0 and case[setting]["peak_rss_mb"] > 100
+    assert case["on"]["real_tokens_per_sample"] == case["off"]["real_tokens_per_sample"] > 0  # same rows, same tokens
+    assert case["text_layers_x_hidden"] == 128
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import readme_figures
+
+    (row,) = readme_figures._rows_gradient_checkpointing(summary)
+    assert row[0].startswith("gradient checkpointing on CPU, tiny") and "x**, RSS **" in row[3]
+
+
 @pytest.mark.slow
 def test_train_throughput_runs_and_prints_a_ratio(tmp_path):
     import subprocess

@@ -5,12 +5,14 @@ from components.common.modeling import device_settings
 from components.common.training.model import use_gradient_checkpointing
 
 
-def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None, evaluating: bool = False) -> dict:
+def common_training_arguments(config, output_dir: str, checkpoint_uri: str | None, evaluating: bool = False,
+                              longest_row_tokens: int | None = None) -> dict:
     """The TrainingArguments both SFT and DPO take from our config: schedule, precision/optimizer for the device,
     checkpoints only when there is somewhere to publish them, batches grouped by length (each step gives its
     dataset a ``length`` column) or shuffled, no truncation (the steps drop over-budget rows). With ``evaluating``
     (the step has held-out rows and ``eval_steps`` > 0) the loss on them is logged every ``eval_steps`` steps; it
-    is only reported (``load_best_model_at_end`` stays off: nothing is selected on the split evaluate scores)."""
+    is only reported (``load_best_model_at_end`` stays off: nothing is selected on the split evaluate scores).
+    ``longest_row_tokens`` (the longest training row, what a batch pads to) feeds the CPU checkpointing rule."""
     settings = device_settings()
     return dict(
         output_dir=output_dir,
@@ -38,7 +40,7 @@ def common_training_arguments(config, output_dir: str, checkpoint_uri: str | Non
         optim=settings.optim,
         # transformers 5.24 names these activation_checkpointing*; the old gradient_checkpointing* names are
         # deprecated aliases it keeps equal to these (TRL's trainers read the old names, so both stay right).
-        activation_checkpointing=use_gradient_checkpointing(config),
+        activation_checkpointing=use_gradient_checkpointing(config, longest_row_tokens),
         # Non-reentrant checkpointing works with frozen inputs (LoRA on a frozen base) without extra hooks.
         activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=None,  # budget enforced by dropping rows; truncation could cut an image

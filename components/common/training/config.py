@@ -35,7 +35,7 @@ class TrainingConfig:
     max_length: int = field(default=2048, metadata={"help": "Token budget per row; longer rows are dropped and counted, never truncated."})
     max_too_long_fraction: float = field(default=0.05, metadata={"help": "Fail if more than this share of rows is over max_length."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length to cut padding."})
-    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for CUDA) | true | false."})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto | true | false. auto: on for CUDA; on a CPU only when a batch's activations (batch x longest row x text layers x hidden x 136 B) reach 2 GiB, e.g. SmolVLM-256M at 2048 px images, not at 512 px (there it costs 2.3x the time for 4% less memory: benchmarks/gradient_checkpointing.py)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, LoRA init and dropout."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimiser steps."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N steps to checkpoint_uri."})

@@ -27,9 +27,53 @@ def lora_config(config, task_type: str = "CAUSAL_LM"):
     )
 
 
-def use_gradient_checkpointing(config) -> bool:
+def text_activation_units(base_model: str, trust_remote_code: bool = False) -> int | None:
+    """Layers x hidden size of the model's text decoder: what the activations kept for the backward pass grow
+    with per token. None when the config cannot be read or has neither field."""
+    try:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the model load itself
+        return None
+    text = getattr(model_config, "text_config", None) or model_config
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    return int(layers) * int(hidden) if layers and hidden else None
+
+
+# ``gradient_checkpointing: auto`` on a CPU, chosen by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2,
+# one thread; `python benchmarks/readme_figures.py --only gradient_checkpointing` saves its JSON under
+# benchmarks/results/, not yet done: the figures below are from its 2026-12-03 run's log). On a CPU checkpointing costs much more than the
+# textbook third: SmolVLM-256M-shaped at 512 px (84 tokens/sample) took 2.31x the CPU time per step for 4% less
+# peak RSS (the model load, not activations, sets the peak there); the tiny demo model 1.2x for nothing. It pays
+# only when activations, not the model, set the peak: a SmolVLM-256M run at its own 2048 px images (1,128 tokens
+# per sample) peaked at 13.1 GB without it, and at 1024 px (351 tokens/sample, batch 2) 5.5 GB against 2.9 GB at 512
+# px (the 1024 px run with checkpointing had not finished when this rule was set: rerun the benchmark to
+# confirm). So: on when the activations a batch keeps without checkpointing are estimated at >= 2 GiB. Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
+# values per hidden unit per layer and token: attention inputs/outputs, the MLP's 2.7x-wide intermediates, norms).
+ACTIVATION_BYTES_PER_TOKEN_UNIT = 136
+CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES = 2 * 2**30
+
+
+def estimated_activation_bytes(config, longest_row_tokens: int | None) -> int | None:
+    """Activations one batch keeps for the backward pass without checkpointing (see above); None if unknown."""
+    units = text_activation_units(config.base_model, config.trust_remote_code) if config.base_model else None
+    if units is None or not longest_row_tokens:
+        return None
+    return config.per_device_train_batch_size * int(longest_row_tokens) * units * ACTIVATION_BYTES_PER_TOKEN_UNIT
+
+
+def use_gradient_checkpointing(config, longest_row_tokens: int | None = None) -> bool:
+    """``true``/``false`` as given; ``auto``: on for CUDA (memory is the limit there); on a CPU only when the
+    estimated activations of a batch (``estimated_activation_bytes``: the model's config and the longest row's
+    tokens) reach ``CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES``; off when either is unknown."""
     value = str(config.gradient_checkpointing).lower()
-    return device_settings().device == "cuda" if value == "auto" else value == "true"
+    if value != "auto":
+        return value == "true"
+    if device_settings().device == "cuda":
+        return True
+    estimate = estimated_activation_bytes(config, longest_row_tokens)
+    return estimate is not None and estimate >= CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES
 
 
 def load_trainable_model(config):
