@@ -171,7 +171,8 @@ def process_item(plan: dict[str, Any], item: int, src, out_dir: Path) -> dict[st
             with ImagePool(workers, settings) as pool:
                 # Giving up early only stops the reading: the chunks still in the workers come back and are
                 # counted, so the message's counts are exact.
-                for chunk, results in pool.process(_normalised_rows(src, cfg, start, stop, tally, hopeless)):
+                rows = src.fetch_images(_normalised_rows(src, cfg, start, stop, tally, hopeless))
+                for chunk, results in pool.process(rows):
                     for pending, (_, images) in zip(chunk, results):
                         _accept(pending, images, tally, writers, rows_log, cfg)
                     bar.update(len(chunk))
