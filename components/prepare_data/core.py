@@ -60,8 +60,15 @@ def _open(cfg: PrepareDataConfig, source: str):
         yield src
 
 
-def _check_output_outside_source(output: str, src) -> None:
-    if not storage.is_remote(output):
+def _check_output_outside_source(output: str, source: str, src) -> None:
+    if storage.is_remote(source):  # src.root is a temp mirror: compare the URIs
+        out, within = output.rstrip("/"), source.rstrip("/")
+        if out == within or out.startswith(within + "/") or within.startswith(out + "/"):
+            raise ConfigError(
+                f"output {output!r} is the source folder {source!r}, inside it or holds it; writing there would "
+                f"overwrite the source. Pass a separate --output folder."
+            )
+    elif not storage.is_remote(output):
         out_path = storage.to_local_path(output).resolve()
         if out_path == src.root.resolve() or out_path in src.root.resolve().parents:
             raise ConfigError(
@@ -84,7 +91,7 @@ def run(config: PrepareDataConfig, source: str, output: str, *, shards: int = 1)
     started = time.time()
     processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
     with _open(cfg, source) as src:
-        _check_output_outside_source(output, src)
+        _check_output_outside_source(output, source, src)
         the_plan = fanout.make_plan(cfg, source, src, processor_settings, shards)
         _clear_output(output)
         # local_output stages into a fresh folder and publishes it (manifest last) only if the body succeeds.

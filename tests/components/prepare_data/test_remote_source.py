@@ -153,3 +153,40 @@ def test_missing_gs_source_is_a_clear_error(gcs_bucket):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         with remote_source.open_view(f"gs://{gcs_bucket}/nothing/here", None, "image"):
             pass
+
+
+def test_a_gs_row_file_as_source_reads_images_beside_it(gs_source, local_source, downloads, tmp_path):
+    out = tmp_path / "ds"
+    manifest = core.run(cfg(), f"{gs_source}/rows.jsonl", str(out))
+    fetched = downloads.take()
+    assert fetched[0] == "rows.jsonl" and set(fetched[1:]) == _referenced_images(local_source, 0, 45)
+    local = core.run(cfg(), str(local_source / "rows.jsonl"), str(tmp_path / "local"))
+    _same_dataset(manifest, out, (local, tmp_path / "local"))
+
+
+def test_nested_parquet_is_fetched_only_when_the_top_level_holds_no_rows(gcs_bucket, tmp_path, downloads):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = make_source(tmp_path / "src", n=6)
+    rows = _rows(root)
+    (root / "rows.jsonl").unlink()
+    (root / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "train-0.parquet")
+    (root / "meta.json").write_text(json.dumps({"name": "x"}, indent=2))  # top level: no rows
+    uri = f"gs://{gcs_bucket}/datasets/src"
+    storage.upload_dir(root, uri)
+    out = tmp_path / "ds"
+    manifest = core.run(cfg(), uri, str(out))
+    fetched = downloads.take()
+    assert fetched[:2] == ["meta.json", "data/train-0.parquet"]
+    assert set(fetched[2:]) == {r["image"] for r in rows if r["answer"].strip() and (root / r["image"]).is_file()}
+    local = core.run(cfg(), str(root), str(tmp_path / "local"))
+    _same_dataset(manifest, out, (local, tmp_path / "local"))
+
+
+def test_output_inside_a_gs_source_is_refused(gs_source):
+    from components.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="overwrite the source"):
+        core.run(cfg(), gs_source, f"{gs_source}/prepared")
