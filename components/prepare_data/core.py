@@ -7,8 +7,9 @@ sharded Parquet (``components.common.dataset``). Every rejected row is counted w
 manifest and listed with its source position and a human detail in ``rejects.jsonl`` beside it
 (``stats.py``); ``manifest.json`` is written last, so a crashed run leaves a folder that readers refuse.
 
-Reads top to bottom: validate the config -> read the processor's settings -> open the source (notes about
-files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
+Reads top to bottom: validate the config -> read the processor's settings -> open the source
+(``remote_source.open_view``: a gs:// source is listed and only its row files downloaded; images come later,
+fetched by the rows that name them; notes about files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
 output -> stream each item's rows into its part (normalise, process images, split, write) -> finalize (dedupe
 across parts, rejects in source order into ``rejects.jsonl``, statistics, final shards) -> check the share of
 invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
