@@ -14,10 +14,12 @@
   root.
 
 Images of a gs:// source are fetched by the rows that name them: the source's ``fetch_images`` hook
-(``fanout.process_item`` passes its normalised rows through it) takes the rows in batches of
-``FETCH_BATCH_ROWS``, downloads the listed images those rows reference that are not yet here (one
-``storage.download_files`` call per batch: the transfer manager, in parallel, every file checked), and hands
-the rows on. So a part fetches only its own rows' images, and ``core.run`` only the images some row
+(``fanout.process_item`` passes the raw rows of its range through it, before they are counted and
+normalised) takes the rows in batches of ``FETCH_BATCH_ROWS``, downloads the listed images their image column
+names (resolved as ``rows.normalize_row`` resolves them) that are not yet here (one ``storage.download_files``
+call per batch: the transfer manager, in parallel, every file checked), and hands the rows on. A row that is
+later rejected for another reason (a blank answer) has had its images fetched; a part that gives up early may
+have fetched up to a batch more than it reads. Counts, rejects and the dataset are those of a local source. So a part fetches only its own rows' images, and ``core.run`` only the images some row
 references: stray files in the bucket are never downloaded. An image a row names that the listing does not hold
 is not fetched, so it is missing locally and rejected exactly as for a local source (``missing_image``, "no
 such file"); a name the listing holds as a folder becomes a local folder ("a folder, not an image file").
@@ -37,7 +39,8 @@ from typing import Iterable, Iterator
 
 from components.common import storage
 from components.prepare_data.parallel import chunks
-from components.prepare_data.sources import ROW_SUFFIXES, Source, json_format, open_source
+from components.prepare_data.rows import image_paths
+from components.prepare_data.sources import ROW_SUFFIXES, RawRow, Source, json_format, open_source
 
 FETCH_BATCH_ROWS = 256  # rows whose images are downloaded in one parallel transfer
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # as sources.open_source checks them
@@ -58,8 +61,9 @@ def open_view(uri: str, source_split: str | None = None, image_column: str | Non
 class RemoteSource:
     """A listed gs:// folder mirrored lazily into ``local_root``: row files on open, images on demand."""
 
-    def __init__(self, base: str, local_root: Path, listed: list[str]):
+    def __init__(self, base: str, local_root: Path, listed: list[str], image_column: str):
         self.base = base.rstrip("/")
+        self.image_column = image_column
         self.local_root = local_root
         self.objects = {u[len(self.base) + 1:] for u in listed if u.startswith(self.base + "/")}
         self.folders = {posixpath.dirname(r) for r in self.objects}
@@ -82,11 +86,11 @@ class RemoteSource:
                 raise FileNotFoundError(f"source {uri!r} does not exist (no object and no objects under it); "
                                         f"pass a gs:// folder of rows + images, or a row file")
             parent, name = base.rsplit("/", 1)
-            view = cls(parent, local_root, storage.list_files(parent))
+            view = cls(parent, local_root, storage.list_files(parent), image_column)
             view.fetch([name])
             src = open_source(local_root / name, source_split, image_column)
         else:
-            view = cls(base, local_root, listed)
+            view = cls(base, local_root, listed, image_column)
             top = sorted(r for r in view.objects if "/" not in r)
             if any(m in top for m in HF_DISK_MARKERS):
                 # a datasets save_to_disk folder: images are inside its Arrow files, which it needs whole.
@@ -116,13 +120,15 @@ class RemoteSource:
 
     # -------------------------------------------------------------------------------------------- images
 
-    def fetch_images(self, rows: Iterable) -> Iterator:
-        """Pass ``rows`` (``rows.PendingRow``) through, their referenced images downloaded first, in batches."""
-        root = str(self.local_root.resolve())
+    def fetch_images(self, rows: Iterable[RawRow]) -> Iterator[RawRow]:
+        """Pass the raw rows through, the listed images they name downloaded first, a batch at a time."""
+        root = self.local_root
+        root_resolved = root.resolve()
         for batch in chunks(rows, FETCH_BATCH_ROWS):
-            paths = [value for row in batch for kind, value in row.refs if kind == "path"]
-            # refs are resolved paths inside the source folder (rows.py rejects any other)
-            self.fetch(os.path.relpath(p, root).replace(os.sep, "/") for p in paths)
+            paths = [p for raw in batch if raw.row is not None
+                     for p in image_paths(raw.row, self.image_column, root, root_resolved)]
+            # image_paths keeps only paths inside the source folder (rows.py rejects any other)
+            self.fetch(os.path.relpath(p, root_resolved).replace(os.sep, "/") for p in paths)
             yield from batch
 
     def fetch(self, rels: Iterable[str]) -> None:

@@ -77,9 +77,9 @@ class Source:
     description: str
     total_rows: int | None = None
     notes: list[str] = field(default_factory=list)  # files seen but not read, and why
-    # Rows on their way to the image workers pass through this: a gs:// source downloads the images they
-    # reference here (``remote_source.py``); a local one hands them on as they are.
-    fetch_images: Callable[[Iterator[Any]], Iterator[Any]] = lambda rows: rows
+    # The raw rows a part reads pass through this: a gs:// source downloads the images they name here
+    # (``remote_source.py``); a local one hands them on as they are.
+    fetch_images: Callable[[Iterator["RawRow"]], Iterator["RawRow"]] = lambda rows: rows
 
 
 def open_source(path: Path, source_split: str | None = None, image_column: str | None = None) -> Source:

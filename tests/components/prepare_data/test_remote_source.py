@@ -70,10 +70,9 @@ def _rows(local_source: Path) -> list[dict]:
 
 
 def _referenced_images(local_source: Path, start: int, stop: int) -> set[str]:
-    """The images the rows start..stop-1 name that exist (rows rejected before their images, here the blank
-    answer, fetch nothing)."""
-    return {r["image"] for r in _rows(local_source)[start:stop]
-            if r["answer"].strip() and (local_source / r["image"]).is_file()}
+    """The images the rows start..stop-1 name that exist (also those of a row rejected later, for its blank
+    answer: images are fetched before rows are normalised)."""
+    return {r["image"] for r in _rows(local_source)[start:stop] if (local_source / r["image"]).is_file()}
 
 
 def _same_dataset(manifest: dict, out: Path, local_run) -> None:
@@ -180,7 +179,7 @@ def test_nested_parquet_is_fetched_only_when_the_top_level_holds_no_rows(gcs_buc
     manifest = core.run(cfg(), uri, str(out))
     fetched = downloads.take()
     assert fetched[:2] == ["meta.json", "data/train-0.parquet"]
-    assert set(fetched[2:]) == {r["image"] for r in rows if r["answer"].strip() and (root / r["image"]).is_file()}
+    assert set(fetched[2:]) == {r["image"] for r in rows if (root / r["image"]).is_file()}
     local = core.run(cfg(), str(root), str(tmp_path / "local"))
     _same_dataset(manifest, out, (local, tmp_path / "local"))
 
@@ -190,3 +189,25 @@ def test_output_inside_a_gs_source_is_refused(gs_source):
 
     with pytest.raises(ConfigError, match="overwrite the source"):
         core.run(cfg(), gs_source, f"{gs_source}/prepared")
+
+
+def test_a_run_that_gives_up_early_counts_what_a_local_run_counts(gcs_bucket, tmp_path):
+    """Images are fetched a batch ahead of the reading, but rows are counted as they are read: a part that
+    gives up on missing images stops at the same row, with the same counts, as from a local copy."""
+    root = tmp_path / "src"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.png").write_bytes(json.dumps("not a png").encode())
+    rows = [{"id": f"r{i}", "image": "images/ok.png" if i % 5 == 0 else f"images/gone-{i}.png",
+             "question": "q", "answer": "a"} for i in range(300)]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uri = f"gs://{gcs_bucket}/datasets/src"
+    storage.upload_dir(root, uri)
+    caught = []
+    for source in (str(root), uri):
+        with pytest.raises(core.TooManyInvalidRowsError) as e:
+            core.run(cfg(), source, str(tmp_path / f"out-{len(caught)}"))
+        caught.append(e.value)
+    local, remote = caught
+    assert remote.summary["counts"] == local.summary["counts"]
+    assert remote.summary["counts"]["rows_in"] < 300  # it did stop early
+    assert remote.summary["rejects"] == local.summary["rejects"]
