@@ -211,3 +211,23 @@ def test_a_run_that_gives_up_early_counts_what_a_local_run_counts(gcs_bucket, tm
     assert remote.summary["counts"] == local.summary["counts"]
     assert remote.summary["counts"]["rows_in"] < 300  # it did stop early
     assert remote.summary["rejects"] == local.summary["rejects"]
+
+
+def test_a_datasets_save_to_disk_folder_on_gs_is_downloaded_whole(gcs_bucket, tmp_path, downloads):
+    """Its images are inside its Arrow files: there is nothing to fetch by reference, so the folder comes whole."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string"), "uid": datasets.Value("int64")})
+    datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (5 + i, 5), (255, 0, 0)) for i in range(5)], "question": ["q"] * 5,
+         "answer": [f"a{i}" for i in range(5)], "uid": list(range(5))}, features=features,
+    ).save_to_disk(str(tmp_path / "hf"))
+    uri = f"gs://{gcs_bucket}/datasets/src"
+    storage.upload_dir(tmp_path / "hf", uri)
+    manifest = core.run(cfg(id_column="uid"), uri, str(tmp_path / "ds"))
+    assert downloads.take() == [f"WHOLE FOLDER {uri}"]
+    local = core.run(cfg(id_column="uid"), str(tmp_path / "hf"), str(tmp_path / "local"))
+    _same_dataset(manifest, tmp_path / "ds", (local, tmp_path / "local"))
+    assert manifest["counts"]["rows_out"] == 5
