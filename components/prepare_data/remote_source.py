@@ -17,12 +17,17 @@ Images of a gs:// source are fetched by the rows that name them: the source's ``
 (``fanout.process_item`` passes the raw rows of its range through it, before they are counted and
 normalised) takes the rows in batches of ``FETCH_BATCH_ROWS``, downloads the listed images their image column
 names (resolved as ``rows.normalize_row`` resolves them) that are not yet here (one ``storage.download_files``
-call per batch: the transfer manager, in parallel, every file checked), and hands the rows on. A row that is
-later rejected for another reason (a blank answer) has had its images fetched; a part that gives up early may
-have fetched up to a batch more than it reads. Counts, rejects and the dataset are those of a local source. So a part fetches only its own rows' images, and ``core.run`` only the images some row
-references: stray files in the bucket are never downloaded. An image a row names that the listing does not hold
-is not fetched, so it is missing locally and rejected exactly as for a local source (``missing_image``, "no
-such file"); a name the listing holds as a folder becomes a local folder ("a folder, not an image file").
+call per batch: the transfer manager, in parallel, every file checked; the next batch downloads in a
+background thread while this one is read), and hands the rows on. So a part fetches only its own rows'
+images, and ``core.run`` only the images some row references: stray files in the bucket are never
+downloaded. An image a row names that the listing does not hold is not fetched, so it is missing locally and
+rejected exactly as for a local source (``missing_image``, "no such file"); a name the listing holds as a
+folder becomes a local folder ("a folder, not an image file"). A row later rejected for another reason (a
+blank answer) has had its images fetched; a part that gives up early may have fetched up to two batches more
+than it read. Counts, rejects and the dataset are those of a local source.
+
+Costs: every part lists the whole source folder (one request per 1,000 objects) and downloads the row files
+whole (one stream per file: ``download_files`` does not slice big objects, as ``download_dir`` does).
 
 Sources whose images are inside the row files (Parquet with image bytes, a ``datasets`` ``save_to_disk``
 folder) need those files whole: each part reads the row files (for ``save_to_disk``, the whole folder is
@@ -30,6 +35,7 @@ downloaded, as before), and there is nothing further to fetch.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import posixpath
@@ -121,15 +127,27 @@ class RemoteSource:
     # -------------------------------------------------------------------------------------------- images
 
     def fetch_images(self, rows: Iterable[RawRow]) -> Iterator[RawRow]:
-        """Pass the raw rows through, the listed images they name downloaded first, a batch at a time."""
+        """Pass the raw rows through, the listed images they name downloaded first, a batch at a time: the next
+        batch downloads (one background thread) while the reader works through this one."""
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlmtune-fetch") as fetcher:
+            ready: tuple[list, concurrent.futures.Future] | None = None
+            for batch in chunks(rows, FETCH_BATCH_ROWS):
+                coming = (batch, fetcher.submit(self.fetch, self._named(batch)))
+                if ready is not None:
+                    ready[1].result()  # a download that failed after its retries fails the part here
+                    yield from ready[0]
+                ready = coming
+            if ready is not None:
+                ready[1].result()
+                yield from ready[0]
+
+    def _named(self, batch: list[RawRow]) -> list[str]:
+        """The image paths (relative to the source folder) the rows of ``batch`` name, as rows.py resolves them."""
         root = self.local_root
         root_resolved = root.resolve()
-        for batch in chunks(rows, FETCH_BATCH_ROWS):
-            paths = [p for raw in batch if raw.row is not None
-                     for p in image_paths(raw.row, self.image_column, root, root_resolved)]
-            # image_paths keeps only paths inside the source folder (rows.py rejects any other)
-            self.fetch(os.path.relpath(p, root_resolved).replace(os.sep, "/") for p in paths)
-            yield from batch
+        # image_paths keeps only paths inside the source folder (rows.py rejects any other)
+        return [os.path.relpath(p, root_resolved).replace(os.sep, "/") for raw in batch if raw.row is not None
+                for p in image_paths(raw.row, self.image_column, root, root_resolved)]
 
     def fetch(self, rels: Iterable[str]) -> None:
         """Download the listed objects among ``rels`` (paths relative to the source folder) not yet here; a name
