@@ -9,10 +9,10 @@ manifest and listed with its source position and a human detail in ``rejects.jso
 
 Reads top to bottom: validate the config -> read the processor's settings -> open the source
 (``remote_source.open_view``: a gs:// source is listed and only its row files downloaded; images come later,
-fetched by the rows that name them; notes about files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
-output -> stream each item's rows into its part (normalise, process images, split, write) -> finalize (dedupe
-across parts, rejects in source order into ``rejects.jsonl``, statistics, final shards) -> check the share of
-invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
+fetched by the rows that name them; notes about files it does not read go to stderr and the manifest's
+warnings) -> plan the work items -> clear the old output -> stream each item's rows into its part (normalise,
+process images, split, write) -> finalize (dedupe across parts, rejects in source order into
+``rejects.jsonl``, statistics, final shards) -> check the share of invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
 below are the same steps one at a time, for a KFP ``ParallelFor`` (``vlmtune prepare-data plan|part|finalize``).
 
 When the run gives up on too many invalid rows there is no manifest, by design; the message shows the first
