@@ -7,11 +7,12 @@ sharded Parquet (``components.common.dataset``). Every rejected row is counted w
 manifest and listed with its source position and a human detail in ``rejects.jsonl`` beside it
 (``stats.py``); ``manifest.json`` is written last, so a crashed run leaves a folder that readers refuse.
 
-Reads top to bottom: validate the config -> read the processor's settings -> open the source (notes about
-files it does not read go to stderr and the manifest's warnings) -> plan the work items -> clear the old
-output -> stream each item's rows into its part (normalise, process images, split, write) -> finalize (dedupe
-across parts, rejects in source order into ``rejects.jsonl``, statistics, final shards) -> check the share of
-invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
+Reads top to bottom: validate the config -> read the processor's settings -> open the source
+(``remote_source.open_view``: a gs:// source is listed and only its row files downloaded; images come later,
+fetched by the rows that name them; notes about files it does not read go to stderr and the manifest's
+warnings) -> plan the work items -> clear the old output -> stream each item's rows into its part (normalise,
+process images, split, write) -> finalize (dedupe across parts, rejects in source order into
+``rejects.jsonl``, statistics, final shards) -> check the share of invalid rows -> write the manifest last. The mechanics are ``fanout.py``; ``plan`` / ``part`` / ``finalize``
 below are the same steps one at a time, for a KFP ``ParallelFor`` (``vlmtune prepare-data plan|part|finalize``).
 
 When the run gives up on too many invalid rows there is no manifest, by design; the message shows the first
@@ -36,7 +37,7 @@ from components.common.processor_settings import load_processor_settings
 from components.prepare_data import fanout
 from components.prepare_data.config import PrepareDataConfig
 from components.prepare_data.fanout import FanoutError, TooManyInvalidRowsError  # noqa: F401 (the step's errors)
-from components.prepare_data.sources import open_source
+from components.prepare_data.remote_source import open_view
 
 REJECTS_FILE = fanout.REJECTS_FILE  # one JSON line per rejected row, beside manifest.json
 PARTS_DIR = "_parts"  # core.run's part folders, inside the staging folder; gone before the manifest
@@ -50,15 +51,25 @@ def _checked(config: PrepareDataConfig) -> PrepareDataConfig:
     return cfg
 
 
-def _open(cfg: PrepareDataConfig, src_path) -> Any:
-    src = open_source(Path(src_path), cfg.source_split, cfg.image_column)
-    for note in src.notes:  # now, not only in the manifest: the run may still fail for another reason
-        print(f"prepare-data: note: {note}", file=sys.stderr)
-    return src
+@contextlib.contextmanager
+def _open(cfg: PrepareDataConfig, source: str):
+    """The opened source of ``source`` for the block: a local one as it is, a gs:// one listed, its row files
+    downloaded and its images fetched by the rows that reference them (``remote_source.py``)."""
+    with open_view(source, cfg.source_split, cfg.image_column) as src:
+        for note in src.notes:  # now, not only in the manifest: the run may still fail for another reason
+            print(f"prepare-data: note: {note}", file=sys.stderr)
+        yield src
 
 
-def _check_output_outside_source(output: str, src) -> None:
-    if not storage.is_remote(output):
+def _check_output_outside_source(output: str, source: str, src) -> None:
+    if storage.is_remote(source):  # src.root is a temp mirror: compare the URIs
+        out, within = output.rstrip("/"), source.rstrip("/")
+        if out == within or out.startswith(within + "/") or within.startswith(out + "/"):
+            raise ConfigError(
+                f"output {output!r} is the source folder {source!r}, inside it or holds it; writing there would "
+                f"overwrite the source. Pass a separate --output folder."
+            )
+    elif not storage.is_remote(output):
         out_path = storage.to_local_path(output).resolve()
         if out_path == src.root.resolve() or out_path in src.root.resolve().parents:
             raise ConfigError(
@@ -80,9 +91,8 @@ def run(config: PrepareDataConfig, source: str, output: str, *, shards: int = 1)
     cfg = _checked(config)
     started = time.time()
     processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
-    with storage.local_input(source) as src_path:
-        src = _open(cfg, src_path)
-        _check_output_outside_source(output, src)
+    with _open(cfg, source) as src:
+        _check_output_outside_source(output, source, src)
         the_plan = fanout.make_plan(cfg, source, src, processor_settings, shards)
         _clear_output(output)
         # local_output stages into a fresh folder and publishes it (manifest last) only if the body succeeds.
@@ -111,11 +121,12 @@ def run(config: PrepareDataConfig, source: str, output: str, *, shards: int = 1)
 
 def plan(config: PrepareDataConfig, source: str, plan_uri: str, *, shards: int) -> dict[str, Any]:
     """Step 1 of the fanned-out shape: list the work items of ``source`` into the plan file ``plan_uri``
-    (JSON). Reads the source's row files, decodes no image."""
+    (JSON). Reads the source's row files, decodes no image; a gs:// source is listed and only its row files
+    are downloaded (never an image)."""
     cfg = _checked(config)
     processor_settings = load_processor_settings(cfg.processor, cfg.longest_edge, cfg.image_sizing) if cfg.processor else None
-    with storage.local_input(source) as src_path:
-        the_plan = fanout.make_plan(cfg, source, _open(cfg, src_path), processor_settings, shards)
+    with _open(cfg, source) as src:
+        the_plan = fanout.make_plan(cfg, source, src, processor_settings, shards)
     storage.write_text(plan_uri, json.dumps(the_plan, indent=2, sort_keys=True, default=str))
     return the_plan
 
@@ -133,12 +144,12 @@ def read_plan(plan_uri: str) -> dict[str, Any]:
 
 def part(plan_uri: str, item: int, part_uri: str) -> dict[str, Any]:
     """Step 2 (one ParallelFor item): the part of ``item`` at ``part_uri``, its ``part.json`` written last. A
-    rerun first removes whatever an earlier, killed attempt left there."""
+    rerun first removes whatever an earlier, killed attempt left there. From a gs:// source it downloads the
+    row files and only the images its own rows reference."""
     the_plan = read_plan(plan_uri)
     cfg = fanout.plan_config(the_plan)
     _clear_folder(part_uri)
-    with storage.local_input(the_plan["source"]) as src_path:
-        src = _open(cfg, src_path)
+    with _open(cfg, the_plan["source"]) as src:
         with storage.local_output(part_uri, last=(fanout.PART_MANIFEST,)) as part_dir:
             manifest = fanout.process_item(the_plan, item, src, Path(part_dir))
             storage.write_text(str(Path(part_dir) / fanout.PART_MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))

@@ -203,7 +203,9 @@ def _normalised_rows(src, cfg, start: int, stop: int, tally: Tally, hopeless) ->
     root = src.root
     root_resolved = root.resolve()
     root_prefix = os.path.join(str(root_resolved), "")
-    for index, raw in enumerate(itertools.islice(iter_rows(src), start, stop), start=start):
+    # fetch_images: a gs:// source downloads the images these rows name, a batch ahead of the reading (the
+    # rows are still counted here, one by one, so the counts are those of a local source); locally a no-op.
+    for index, raw in enumerate(src.fetch_images(itertools.islice(iter_rows(src), start, stop)), start=start):
         if tally.stopped_early:
             return
         tally.rows_in += 1

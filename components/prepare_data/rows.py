@@ -61,6 +61,18 @@ def image_names(refs: list, root_prefix: str) -> list[str]:
     ]
 
 
+def image_paths(row: dict, image_column: str, root: Path, root_resolved: Path) -> list[str]:
+    """The local paths of the image files ``row`` names, resolved as :func:`normalize_row` resolves them
+    (for fetching them from a remote source first); [] when its image column would reject the row."""
+    if image_column not in row:
+        return []
+    try:
+        refs = _image_refs(row[image_column], root, root_resolved, "")
+    except RowRejected:
+        return []
+    return [value for kind, value in refs if kind == "path"]
+
+
 def _text(value: Any, empty_reason: str, type_reason: str, what: str) -> str:
     if value is None:
         raise RowRejected(empty_reason, f"{what} is null")

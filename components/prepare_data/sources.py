@@ -25,7 +25,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 JSON_PEEK_BYTES = 1 << 16  # first read when deciding what a .json file holds; doubled while one object needs more
@@ -77,6 +77,9 @@ class Source:
     description: str
     total_rows: int | None = None
     notes: list[str] = field(default_factory=list)  # files seen but not read, and why
+    # The raw rows a part reads pass through this: a gs:// source downloads the images they name here
+    # (``remote_source.py``); a local one hands them on as they are.
+    fetch_images: Callable[[Iterator["RawRow"]], Iterator["RawRow"]] = lambda rows: rows
 
 
 def open_source(path: Path, source_split: str | None = None, image_column: str | None = None) -> Source:
