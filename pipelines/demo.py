@@ -28,7 +28,11 @@ from pipelines import configs
 
 #: How messages name the shipped defaults (the file in the source tree; installed, it is package data).
 DEMO_CONFIG = "pipelines/configs/demo.yaml"
-DEMO_ROWS, DEMO_SEED = 600, 0
+DEMO_ROWS, DEMO_SEED = 1200, 0
+# The demo's base model: the tiny Idefics3 with 16 tokens per 64 px tile (scale factor 1: each 16 px patch keeps
+# its own token, so shapes and positions survive the connector) and a 4 x 128 text model. Chosen by
+# measurement (docs/demo_tuning.md); `vlmtune tiny-model` and the tests keep the smaller default.
+DEMO_MODEL = {"scale_factor": 1, "text_layers": 4, "text_hidden_size": 128}
 README_START, README_END = "<!-- demo-table:start (written by `vlmtune demo --write-readme`) -->", "<!-- demo-table:end -->"
 
 
@@ -58,7 +62,7 @@ def ensure_demo_inputs(workdir: Path, rows: int = DEMO_ROWS, seed: int = DEMO_SE
     model_dir, data_dir = workdir / "tiny-model", workdir / "demo-data"
     built = []
     if "base_model" in needed and not (model_dir / "vlmtune_tiny_model.json").exists():
-        build_tiny_model(model_dir, seed=seed)
+        build_tiny_model(model_dir, seed=seed, **DEMO_MODEL)
         built.append("tiny model")
     if {"sft_source", "preference_source"} & set(needed) and not (data_dir / "DONE").exists():
         write_demo_data(data_dir, rows=rows, preference_rows=max(rows // 3, 40), seed=seed)

@@ -69,7 +69,19 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_tiny_model(output: str | Path, seed: int = 0, image_size: int = 64, longest_edge: int = 128) -> Path:
+def build_tiny_model(
+    output: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    longest_edge: int = 128,
+    *,
+    patch_size: int = 16,
+    scale_factor: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+) -> Path:
     """Write a tiny Idefics3 model + processor to ``output`` and return the folder.
 
     Vision: 2 layers x 32, patch 16, 64 px tiles; scale factor 2 -> 4 tokens per tile. Images are resized to
@@ -86,7 +98,6 @@ def build_tiny_model(output: str | Path, seed: int = 0, image_size: int = 64, lo
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    patch_size, scale_factor = 16, 2
     image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
     image_processor = Idefics3ImageProcessor(
         size={"longest_edge": longest_edge},
@@ -101,9 +112,9 @@ def build_tiny_model(output: str | Path, seed: int = 0, image_size: int = 64, lo
     )
     config = Idefics3Config(
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_hidden_layers": vision_layers,
             "num_attention_heads": 2,
             "image_size": image_size,
             "patch_size": patch_size,
@@ -111,9 +122,9 @@ def build_tiny_model(output: str | Path, seed: int = 0, image_size: int = 64, lo
         text_config={
             "model_type": "llama",
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": text_hidden_size,
+            "intermediate_size": 2 * text_hidden_size,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 2048,
