@@ -86,6 +86,8 @@ def build_tiny_model(
 
     Vision: 2 layers x 32, patch 16, 64 px tiles; scale factor 2 -> 4 tokens per tile. Images are resized to
     ``longest_edge`` (128) and split into 64 px tiles plus a global view, as SmolVLM does at 1536/384 px.
+    The keyword knobs change the shape (the demo uses ``scale_factor=1`` and a 4 x 128 text model:
+    ``pipelines/demo.py`` DEMO_MODEL); the defaults are what the tests build.
     """
     import torch
     from transformers import (
