@@ -8,7 +8,7 @@ skipped conditions go to the root logger. :class:`StepConsole` is put in place o
 the lines kfp writes about tasks become the console view:
 
     [1/6] prepare SFT data            ok    9.1 s  600 rows: train 481, eval 119
-    [2/6] SFT (QLoRA)                 ok  101.4 s  600 steps, loss 5.31 -> 0.42
+    [2/6] SFT                 ok  101.4 s  600 steps, loss 5.31 -> 0.42
     [6/6] register                    ok    0.4 s  demo-shapes v1 (champion)
 
 On a terminal the line of the running step is redrawn every half second with its elapsed time and progress

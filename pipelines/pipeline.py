@@ -1,4 +1,4 @@
-"""The vlmtune pipeline: prepare data -> SFT (QLoRA) -> DPO -> evaluate -> [passed?] -> register.
+"""The vlmtune pipeline: prepare data -> SFT -> DPO -> evaluate -> [passed?] -> register.
 
 Every step is a lightweight Python component whose container image comes from one place
 (:func:`pipelines.images.image_for`), so on Vertex AI and Kubeflow each step runs in its own image and
@@ -133,7 +133,7 @@ def build_pipeline(settings: PipelineSettings | None = None):
     def train_evaluate_register(sft_data, pref_data, base_model, registry, registry_name, sft_config, dpo_config,
                                 eval_config, sft_checkpoint_uri, dpo_checkpoint_uri):
         sft_task = _configure(ops["sft"](dataset=sft_data.outputs["dataset"], base_model=base_model, config=sft_config,
-                                         checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT (QLoRA)")
+                                         checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT")
         dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
                                          config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
         eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], preference_dataset=pref_data.outputs["dataset"],

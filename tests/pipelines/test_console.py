@@ -135,5 +135,5 @@ def test_task_labels_come_from_the_real_pipeline_spec():
 
     labels, inside, names = task_labels(build_pipeline())
     assert labels == {"prepare-data": "prepare SFT data", "prepare-data-2": "prepare preference data",
-                      "sft": "SFT (QLoRA)", "dpo": "DPO", "evaluate": "evaluate", "register": "register"}
+                      "sft": "SFT", "dpo": "DPO", "evaluate": "evaluate", "register": "register"}
     assert inside == {"condition-1": ["register"]} and names == {"condition-1": "passed-gate"}

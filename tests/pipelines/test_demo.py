@@ -54,7 +54,7 @@ def test_run_params_are_checked_before_the_demo_inputs_exist(tmp_path):
     params, to_build = resolve_run_params(tmp_path / "work", sets=["sft_config.learning_rate=1e-3"])
     assert to_build == ("base_model", "sft_source", "preference_source")
     assert params["base_model"] == str(tmp_path / "work" / "tiny-model")
-    assert params["sft_config"]["learning_rate"] == 1e-3 and params["sft_config"]["num_train_epochs"] == 20
+    assert params["sft_config"]["learning_rate"] == 1e-3 and params["sft_config"]["num_train_epochs"] == 10
     assert params["registry_name"] == "demo-shapes"
     assert not (tmp_path / "work").exists()
     data = tmp_path / "mine"

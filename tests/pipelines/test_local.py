@@ -89,6 +89,6 @@ def test_pipeline_gate_true_registers_then_gate_false_registers_nothing(pipeline
     err = capsys.readouterr().err
     assert (status, summary) == (3, None), err
     assert re.search(r"prepare SFT data +cached", out.getvalue()) and re.search(r"SFT \(QLoRA\) +failed", out.getvalue())
-    assert "error: SFT (QLoRA) failed (exit status 3): " in err and "exceed max_length=20 tokens" in err
+    assert "error: SFT failed (exit status 3): " in err and "exceed max_length=20 tokens" in err
     assert "not run: " in err and "DPO" in err and "last lines of its log:" in err
     assert re.search(r"^full log: .*/logs/run-\d{8}-\d{6}\.log$", err, re.M)
