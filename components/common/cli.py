@@ -50,7 +50,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         # With choices argparse refuses anything else up front and shows them ({a,b}) in the usage line.
         shown = {"choices": list(choices)} if choices else {"metavar": "VALUE"}
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                           help=f"{f.metadata.get('help', '')} (default: {default!r})", **shown)
+                           # argparse %-formats help strings: a literal % in our help text must be doubled
+                           help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"), **shown)
 
 
 def config_values(args: argparse.Namespace, extra: dict[str, Any] | None = None
