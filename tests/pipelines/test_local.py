@@ -50,7 +50,7 @@ def test_pipeline_gate_true_registers_then_gate_false_registers_nothing(pipeline
     steps = [line for line in lines if re.match(r"  \[\d/6\] ", line)]
     assert len(lines) <= 40, out.getvalue()  # one screen
     assert len([line for line in steps if " ok " in line]) == 6, out.getvalue()
-    assert re.search(r"SFT \(QLoRA\) +ok +[\d.]+ s  4 steps on \d+ rows, loss [\d.]+ -> [\d.]+$", out.getvalue(), re.M)
+    assert re.search(r"SFT +ok +[\d.]+ s  4 steps on \d+ rows, loss [\d.]+ -> [\d.]+$", out.getvalue(), re.M)
     assert re.search(r"prepare SFT data +ok +[\d.]+ s  48 of 48 rows: train \d+, eval \d+$", out.getvalue(), re.M)
     assert re.search(r"register +ok +[\d.]+ s  tiny-shapes v1 in ", out.getvalue(), re.M)
     log = Path(summary["log"])
@@ -88,7 +88,7 @@ def test_pipeline_gate_true_registers_then_gate_false_registers_nothing(pipeline
                                "eval_config": eval_config}, root, title="failing run", out=out)
     err = capsys.readouterr().err
     assert (status, summary) == (3, None), err
-    assert re.search(r"prepare SFT data +cached", out.getvalue()) and re.search(r"SFT \(QLoRA\) +failed", out.getvalue())
+    assert re.search(r"prepare SFT data +cached", out.getvalue()) and re.search(r"\] SFT +failed", out.getvalue())
     assert "error: SFT failed (exit status 3): " in err and "exceed max_length=20 tokens" in err
     assert "not run: " in err and "DPO" in err and "last lines of its log:" in err
     assert re.search(r"^full log: .*/logs/run-\d{8}-\d{6}\.log$", err, re.M)
