@@ -134,8 +134,11 @@ def build_pipeline(settings: PipelineSettings | None = None):
                                 eval_config, sft_checkpoint_uri, dpo_checkpoint_uri):
         sft_task = _configure(ops["sft"](dataset=sft_data.outputs["dataset"], base_model=base_model, config=sft_config,
                                          checkpoint_uri=sft_checkpoint_uri), "sft", settings, "SFT")
+        # The SFT data goes to DPO too: with dpo_config pairs_from_sft_mistakes its pairs are the SFT model's
+        # wrong answers on the SFT train split (the preference data then gives the eval loss only).
         dpo_task = _configure(ops["dpo"](dataset=pref_data.outputs["dataset"], sft_model=sft_task.outputs["model"],
-                                         config=dpo_config, checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
+                                         sft_dataset=sft_data.outputs["dataset"], config=dpo_config,
+                                         checkpoint_uri=dpo_checkpoint_uri), "dpo", settings, "DPO")
         eval_task = _configure(ops["evaluate"](dataset=sft_data.outputs["dataset"], preference_dataset=pref_data.outputs["dataset"],
                                                sft_model=sft_task.outputs["model"],
                                                dpo_model=dpo_task.outputs["model"], config=eval_config, registry=registry,

@@ -19,6 +19,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmtune dpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="Prepared preference dataset (prepare-data --task preference).")
     parser.add_argument("--sft-model", required=True, help="The SFT step's output folder.")
+    parser.add_argument("--sft-dataset", help="Prepared SFT dataset: with pairs_from_sft_mistakes=true the pairs are the "
+                                              "SFT model's wrong answers on its train split (--dataset then gives the eval loss).")
     parser.add_argument("--output", required=True, help="Where the DPO adapter goes (path or gs://).")
     parser.add_argument("--checkpoint-uri", help="Checkpoints every save_steps and on SIGTERM; a restart resumes from the latest.")
     add_config_arguments(parser, DPOStepConfig)
@@ -29,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
 
     def body():
-        config = step_inputs(args, DPOStepConfig, artifacts=[("--dataset", args.dataset, DATASET_KIND),
-                                                             ("--sft-model", args.sft_model, MODEL_KIND)])
+        inputs = [("--dataset", args.dataset, DATASET_KIND), ("--sft-model", args.sft_model, MODEL_KIND)]
+        if args.sft_dataset:
+            inputs.append(("--sft-dataset", args.sft_dataset, DATASET_KIND))
+        config = step_inputs(args, DPOStepConfig, artifacts=inputs)
         from components.dpo.core import run
 
-        manifest = run(config, args.dataset, args.sft_model, args.output, args.checkpoint_uri)
+        manifest = run(config, args.dataset, args.sft_model, args.output, args.checkpoint_uri, args.sft_dataset)
         print(json.dumps(manifest["metrics"], indent=2))
         print(f"DPO model written to {args.output}")
 

@@ -1,9 +1,13 @@
 """KFP component for DPO: the body only calls the core (``reported_failure``: the exit status `vlmtune run` shows)."""
+from typing import Optional
+
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
 def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoint_uri: str,
-        model: Output[Model], metrics: Output[Metrics]):
+        model: Output[Model], metrics: Output[Metrics], sft_dataset: Optional[Input[Dataset]] = None):
+    """``sft_dataset``: the SFT data, used only with ``pairs_from_sft_mistakes`` (pairs from the SFT model's
+    wrong answers on its train split)."""
     import json
 
     from components.common.cli import EXIT_DATA, ErrorRule, reported_failure
@@ -19,11 +23,14 @@ def dpo(dataset: Input[Dataset], sft_model: Input[Model], config: dict, checkpoi
             # node; it publishes the model at this artifact's URI and this step hands on its manifest.
             from components.common.launch import launch_training
 
-            manifest = launch_training("dpo", dict(config), settings.nodes, settings.gpus_per_node,
-                                       inputs=[("--dataset", dataset.uri), ("--sft-model", sft_model.uri)],
+            inputs = [("--dataset", dataset.uri), ("--sft-model", sft_model.uri)]
+            if sft_dataset is not None and settings.pairs_from_sft_mistakes:
+                inputs.append(("--sft-dataset", sft_dataset.uri))
+            manifest = launch_training("dpo", dict(config), settings.nodes, settings.gpus_per_node, inputs=inputs,
                                        output_uri=model.uri, checkpoint_uri=checkpoint_uri or None)
         else:
-            manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None)
+            manifest = run(settings, dataset.path, sft_model.path, model.path, checkpoint_uri or None,
+                           sft_dataset.path if sft_dataset is not None else None)
     model.metadata.update({"stage": "dpo", "base_model": manifest["base_model"], "content_hash": manifest["content_hash"]})
     for key, value in manifest["metrics"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -61,7 +61,12 @@ def sequential_eval(trainer_class):
     return SequentialEval
 
 
-def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
+def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri: str, checkpoint_uri: str | None = None,
+        sft_dataset_uri: str | None = None) -> dict[str, Any]:
+    """Train DPO from the SFT adapter. Pairs: the preference dataset at ``dataset_uri``, or, with
+    ``pairs_from_sft_mistakes``, the SFT model's wrong answers on the train split of ``sft_dataset_uri`` (the
+    pipeline's SFT data) or of ``dataset_uri`` when that is itself an SFT dataset. Given both a preference
+    dataset and an SFT one, the pairs come from the mistakes and the preference eval split gives the eval loss."""
     from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
     from transformers import set_seed
@@ -88,10 +93,20 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     started = time.time()
     dataset = open_dataset(dataset_uri)
-    from_mistakes = dataset.task == "sft" and config.pairs_from_sft_mistakes
-    if dataset.task != "preference" and not from_mistakes:
+    if dataset.task != "preference" and not (dataset.task == "sft" and config.pairs_from_sft_mistakes):
         raise ValueError(f"{dataset_uri!r} is a {dataset.task!r} dataset; dpo needs one prepared with --task "
                          f"preference, or an SFT dataset with pairs_from_sft_mistakes=true (pairs from the SFT model's own mistakes)")
+    from_mistakes = config.pairs_from_sft_mistakes
+    mistakes_source = dataset
+    if from_mistakes and dataset.task != "sft":
+        if not sft_dataset_uri:
+            raise ValueError(f"pairs_from_sft_mistakes=true needs an SFT dataset to ask the SFT model about, and "
+                             f"{dataset_uri!r} is a preference dataset: pass the SFT data as --sft-dataset "
+                             f"(the pipeline does), or set pairs_from_sft_mistakes=false to train on its pairs")
+        mistakes_source = open_dataset(sft_dataset_uri)
+        if mistakes_source.task != "sft":
+            raise ValueError(f"--sft-dataset {sft_dataset_uri!r} is a {mistakes_source.task!r} dataset; "
+                             f"pairs_from_sft_mistakes needs one prepared with --task sft")
     sft_manifest = artifacts.read_manifest(sft_model_uri, kind=MODEL_KIND)
     if not sft_manifest.get("adapter"):
         raise ValueError(f"{sft_model_uri!r} is a fully fine-tuned model; DPO here starts from an SFT adapter (method lora/qlora)")
@@ -102,7 +117,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
 
     sft_local = Path(resolve_model_ref(sft_model_uri))
     processor = load_processor(str(sft_local / "processor"), config.trust_remote_code)
-    apply_processor_settings(processor, dataset.processor_settings)
+    apply_processor_settings(processor, mistakes_source.processor_settings)  # how the train pairs' images were stored
     mistakes = None
     if from_mistakes:
         import gc
@@ -110,23 +125,24 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         from components.common.modeling import load_for_inference
 
         policy, _ = load_for_inference(sft_model_uri, trust_remote_code=config.trust_remote_code)
-        train, mistakes = preference_pairs_from_mistakes(policy, processor, dataset.split("train"),
+        train, mistakes = preference_pairs_from_mistakes(policy, processor, mistakes_source.split("train"),
                                                          config.mistakes_batch_size, config.mistakes_max_new_tokens)
         del policy
         gc.collect()
         log.info("pairs from the SFT model's mistakes: %s", mistakes)
         if train is None:
-            raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {dataset_uri!r} right: "
+            raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {mistakes_source.uri!r} right: "
                              f"no preference pairs to learn from; DPO is not needed, or give it a preference dataset")
     else:
         train = dataset.split("train")
     train, dropped = filter_pairs_by_token_budget(train, processor, config.max_length, config.max_too_long_fraction)
     keep_columns = ("prompt", "chosen", "rejected", "images", "length")
     train = train.remove_columns([c for c in train.column_names if c not in keep_columns])
-    # Held-out pairs for the eval loss (eval_steps > 0): the preference dataset's eval split; pairs made from
-    # mistakes have none (making them would mean generating on the eval split), so the curve is train-only then.
+    # Held-out pairs for the eval loss (eval_steps > 0): the preference dataset's eval split. Mistakes are made
+    # on train rows only (pairs from the eval split would leak it into training), so with no preference dataset
+    # beside the SFT one the curve is train-only.
     held_out = None
-    if config.eval_steps > 0 and not from_mistakes and "eval" in dataset.manifest.get("splits", {}):
+    if config.eval_steps > 0 and dataset.task == "preference" and "eval" in dataset.manifest.get("splits", {}):
         held_out = dataset.split("eval")
         if config.eval_loss_rows:
             held_out = held_out.select(range(min(config.eval_loss_rows, held_out.num_rows)))

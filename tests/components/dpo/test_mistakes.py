@@ -36,3 +36,34 @@ def test_dpo_from_an_sft_dataset_trains_on_the_sft_models_mistakes(tmp_path, pre
     mistakes = manifest["metrics"]["pairs_from_sft_mistakes"]
     assert mistakes["pairs"] > 0 and mistakes["rows"] == mistakes["pairs"] + mistakes["model_right"]
     assert manifest["metrics"]["global_steps"] == 1 and manifest["metrics"]["final_reward_accuracy"] is not None
+
+
+def test_beside_a_preference_dataset_the_pairs_come_from_the_sft_data_and_the_eval_loss_from_the_preference_data(
+        tmp_path, prepared_sft, prepared_preference, sft_model_dir):
+    """The pipeline's shape: DPO is given the preference data and the SFT data; with pairs_from_sft_mistakes the
+    train pairs are the SFT model's mistakes on the SFT train split, the held-out loss the preference eval split."""
+    from components.common.config import build_config
+    from components.common.dataset import open_dataset
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    manifest = run(build_config(DPOStepConfig, {**TINY_TRAINING, "max_steps": 1, "pairs_from_sft_mistakes": True,
+                                                "mistakes_max_new_tokens": 4, "eval_steps": 1, "eval_loss_rows": 4}),
+                   str(prepared_preference), str(sft_model_dir), str(tmp_path / "dpo"), sft_dataset_uri=str(prepared_sft))
+    mistakes = manifest["metrics"]["pairs_from_sft_mistakes"]
+    assert mistakes["rows"] == open_dataset(str(prepared_sft)).manifest["splits"]["train"]["rows"]
+    assert mistakes["pairs"] > 0 and manifest["metrics"]["train_rows"] == mistakes["pairs"]
+    assert manifest["metrics"]["eval_loss_rows"] == 4 and manifest["metrics"]["last_eval_loss"] is not None
+
+
+def test_pairs_from_mistakes_without_an_sft_dataset_is_refused_before_any_model_is_loaded(tmp_path, prepared_preference, sft_model_dir):
+    import pytest
+
+    from components.common.config import build_config
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    with pytest.raises(ValueError, match="--sft-dataset"):
+        run(build_config(DPOStepConfig, {**TINY_TRAINING, "pairs_from_sft_mistakes": True}),
+            str(prepared_preference), str(sft_model_dir), str(tmp_path / "dpo"))
+    assert not (tmp_path / "dpo").exists()
