@@ -142,10 +142,13 @@ class LocalBackend:
                 path.unlink(missing_ok=True)
 
     def list_files(self, loc: Location) -> list[str]:
-        root = Path(loc.path)
-        if not root.exists():
-            return []
-        return sorted(str(p) for p in root.rglob("*") if p.is_file())
+        # os.walk, not Path.rglob: rglob raises FileNotFoundError when a folder under the prefix is deleted while
+        # it walks (a registration retracting its copy while another lists versions/), os.walk skips the folder.
+        # A listing is a snapshot either way: what vanished mid-walk is simply not in it.
+        files = []
+        for folder, _, names in os.walk(loc.path):
+            files.extend(os.path.join(folder, n) for n in names)
+        return sorted(str(Path(f)) for f in files if os.path.isfile(f))
 
     def upload_dir(self, local_dir: Path, loc: Location, exclude: tuple[str, ...]) -> None:
         dest = Path(loc.path)

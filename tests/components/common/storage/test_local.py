@@ -139,6 +139,24 @@ def test_list_delete_exists(root, tmp_path):
     assert not storage.exists(storage.join(root, "a")) and storage.list_files(root) == []
 
 
+def test_list_files_while_another_run_deletes_a_folder(tmp_path, monkeypatch):
+    """A registration retracting its copy while another lists versions/ (CI saw FileNotFoundError from rglob)."""
+    import os
+    import shutil
+
+    for rel in ("keep/1", "gone/model/2", "gone/model/deep/3"):
+        storage.write_text(str(tmp_path / rel), rel)
+    real_scandir = os.scandir
+
+    def scandir_after_delete(path="."):
+        if not isinstance(path, int) and Path(path).name == "model":  # vanishes between being seen and opened
+            shutil.rmtree(path, ignore_errors=True)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_after_delete)
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in storage.list_files(str(tmp_path))] == ["keep/1"]
+
+
 def test_upload_download_dir(root, tmp_path):
     src = tmp_path / "src"
     (src / "x" / "y").mkdir(parents=True)
