@@ -130,7 +130,13 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
         del policy
         gc.collect()
         log.info("pairs from the SFT model's mistakes: %s", mistakes)
-        if train is None:
+        if train is None and dataset.task == "preference":
+            # Nothing to correct: train on the preference dataset's own pairs rather than fail the pipeline.
+            log.warning("the SFT model answered all %d train rows right: no mistakes to learn from; training on the "
+                        "preference dataset's pairs instead", mistakes["rows"])
+            mistakes["fell_back_to_preference_pairs"] = True
+            train = dataset.split("train")
+        elif train is None:
             raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {mistakes_source.uri!r} right: "
                              f"no preference pairs to learn from; DPO is not needed, or give it a preference dataset")
     else:

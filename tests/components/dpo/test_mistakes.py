@@ -67,3 +67,27 @@ def test_pairs_from_mistakes_without_an_sft_dataset_is_refused_before_any_model_
         run(build_config(DPOStepConfig, {**TINY_TRAINING, "pairs_from_sft_mistakes": True}),
             str(prepared_preference), str(sft_model_dir), str(tmp_path / "dpo"))
     assert not (tmp_path / "dpo").exists()
+
+
+def test_an_sft_model_without_mistakes_trains_on_the_preference_pairs_instead_of_failing_the_run(
+        tmp_path, prepared_sft, prepared_preference, sft_model_dir, monkeypatch):
+    """Every train row right: no pairs from mistakes. Beside a preference dataset (the pipeline's shape) DPO uses
+    its pairs and says so in the metrics; alone (no preference data) it is a clear error naming what to do."""
+    import pytest
+
+    from components.common import generation
+    from components.common.config import build_config
+    from components.common.dataset import open_dataset
+    from components.dpo.config import DPOStepConfig
+    from components.dpo.core import run
+
+    monkeypatch.setattr(generation, "generate_answers", lambda model, processor, conversations, images, **kw:
+                        [c[-1]["content"][0]["text"] for c in conversations])
+    config = build_config(DPOStepConfig, {**TINY_TRAINING, "max_steps": 1, "pairs_from_sft_mistakes": True})
+    manifest = run(config, str(prepared_preference), str(sft_model_dir), str(tmp_path / "dpo"),
+                   sft_dataset_uri=str(prepared_sft))
+    mistakes = manifest["metrics"]["pairs_from_sft_mistakes"]
+    assert mistakes["pairs"] == 0 and mistakes["fell_back_to_preference_pairs"] is True
+    assert manifest["metrics"]["train_rows"] == open_dataset(str(prepared_preference)).manifest["splits"]["train"]["rows"]
+    with pytest.raises(ValueError, match="answered all .* right"):
+        run(config, str(prepared_sft), str(sft_model_dir), str(tmp_path / "dpo-alone"))
