@@ -136,6 +136,7 @@ def run(config: DPOStepConfig, dataset_uri: str, sft_model_uri: str, output_uri:
                         "preference dataset's pairs instead", mistakes["rows"])
             mistakes["fell_back_to_preference_pairs"] = True
             train = dataset.split("train")
+            apply_processor_settings(processor, dataset.processor_settings)  # how these pairs' images were stored
         elif train is None:
             raise ValueError(f"the SFT model answered all {mistakes['rows']} train rows of {mistakes_source.uri!r} right: "
                              f"no preference pairs to learn from; DPO is not needed, or give it a preference dataset")
