@@ -46,8 +46,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def make_example(rng: random.Random, category: str, size: int = 128) -> tuple[Image.Image, str]:
-    """One image and the answer to ``QUESTIONS[category]`` about it."""
+def make_example(rng: random.Random, category: str, size: int = 128,
+                 extent_range: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+    """One image and the answer to ``QUESTIONS[category]`` about it; ``extent_range``: the single shape's side
+    in px (default size/4 .. size/2 - 8)."""
     background = tuple(rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
@@ -62,7 +64,7 @@ def make_example(rng: random.Random, category: str, size: int = 128) -> tuple[Im
             _draw_shape(draw, rng.choice(SHAPES), (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
         return image, COUNT_WORDS[n]
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    extent = rng.randint(size // 4, size // 2 - 8)
+    extent = rng.randint(*(extent_range or (size // 4, size // 2 - 8)))
     side = rng.choice(["left", "right"])
     x0 = rng.randint(4, size // 2 - extent) if side == "left" else rng.randint(size // 2, size - extent - 4)
     y0 = rng.randint(4, size - extent - 4)
@@ -70,18 +72,20 @@ def make_example(rng: random.Random, category: str, size: int = 128) -> tuple[Im
     return image, {"colour": colour, "shape": shape, "position": side}[category]
 
 
-def write_demo_data(output: str | Path, rows: int = 600, preference_rows: int = 200, seed: int = 0) -> Path:
-    """Write the SFT and preference sources under ``output``; deterministic for a seed."""
+def write_demo_data(output: str | Path, rows: int = 600, preference_rows: int = 200, seed: int = 0,
+                    question_cycle: tuple[str, ...] | None = None, extent_range: tuple[int, int] | None = None) -> Path:
+    """Write the SFT and preference sources under ``output``; deterministic for a seed. Row i asks
+    ``question_cycle[i % len]`` (default: each question type in turn)."""
     output = Path(output)
     rng = random.Random(seed)
-    categories = list(QUESTIONS)
+    categories = list(question_cycle or QUESTIONS)
     for kind, n in (("sft", rows), ("preference", preference_rows)):
         folder = output / kind
         (folder / "images").mkdir(parents=True, exist_ok=True)
         with open(folder / "rows.jsonl", "w") as f:
             for i in range(n):
                 category = categories[i % len(categories)]
-                image, answer = make_example(rng, category)
+                image, answer = make_example(rng, category, extent_range=extent_range)
                 rel = f"images/{kind}-{i:05d}.png"
                 image.save(folder / rel)
                 row = {"id": f"{kind}-{i:05d}", "image": rel, "question": QUESTIONS[category], "category": category}
