@@ -5,9 +5,9 @@ handful of demo rows, 2 steps of batch 2. Shape-dependent breakage (image token 
 
     PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python -m pytest tests/pipelines/test_real_shape_slow.py -m slow -s
 
-Images: the demo's 128 px shapes, prepared with ``longest_edge: 512`` (one 512 px tile: 64 image tokens, what
-need-based sizing gives a 128 px image); at the processor's own 2048 px a sample is 1,128 tokens and a CPU SFT
-step needs ~13 GB. The gate: with random weights every model scores ~0, so ``min_delta: -1.0`` (admit any
+Images: the demo's 128 px shapes under prepare-data's default need-based sizing, at the processor's own
+2048 px longest edge: each fits one 512 px tile, so 64 image tokens per image (the test asserts fewer than 100).
+Before need-based sizing they were upscaled to 2048 px: 1,128 tokens a sample and ~13 GB for one CPU SFT step. The gate: with random weights every model scores ~0, so ``min_delta: -1.0`` (admit any
 candidate) makes the outcome defined: the DPO model passes and is registered as version 1.
 The test prints its wall time and the peak RSS of the largest step process (RUSAGE_CHILDREN).
 """
@@ -70,7 +70,7 @@ def test_whole_pipeline_at_smolvlm_256m_shape(tmp_path):
     config = {
         "base_model": str(model), "sft_source": str(data / "sft"), "preference_source": str(data / "preference"),
         "registry": str(tmp_path / "registry"), "registry_name": "smolvlm-256m-shape",
-        "prepare_config": {"eval_fraction": 0.3, "longest_edge": 512},
+        "prepare_config": {"eval_fraction": 0.3},
         "sft_config": training, "dpo_config": {**training, "beta": 0.1},
         "eval_config": {"metric": "exact_match", "min_delta": -1.0, "batch_size": 2, "max_new_tokens": 2, "cpu_threads": 1},
     }
@@ -100,6 +100,7 @@ def test_whole_pipeline_at_smolvlm_256m_shape(tmp_path):
     assert sft_manifest["processor_settings"]["image_seq_len"] == 64  # SmolVLM-256M: 64 tokens per 512 px tile
     per_row = _image_tokens_by_row(folder, sft_manifest)
     assert len(per_row) == SFT_ROWS
+    assert max(per_row) < 100, per_row  # one tile each, not the 17 tiles of an upscale to 2048 px
     assert {int(k): v for k, v in sft_manifest["tokens_per_image"]["histogram"].items()} == dict(collections.Counter(per_row))
 
     models = {m["stage"]: (folder, m) for folder, m in found["vlmtune.model"]}
