@@ -119,3 +119,21 @@ def test_prepare_fanout_smoke(tmp_path, capsys):
     assert result["same_content_hash"] and result["rows_out"] == 12 and result["items"] == 2
     assert result["speedup"] > 0 and result["parallel_efficiency"] == pytest.approx(result["speedup"] / 2, abs=1e-3)
     assert len(result["peak_rss_per_item_mb"]) == 2 and all(v > 0 for v in result["peak_rss_per_item_mb"])
+
+
+def test_demo_search_runs_the_step_clis_and_scores_every_category(tmp_path):
+    """benchmarks/demo_search.py scaled down (40 rows, 2 SFT steps): the step CLIs run in order and the last
+    line is one JSON object with held-out exact match per question type for the base and the SFT model."""
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "demo_search.py"), "--workdir", str(tmp_path), "--rows", "40",
+         "--set", "max_steps=2", "--set", "eval_steps=1", "--data", '{"question_cycle": ["shape", "colour"]}'],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["rows"] == 40 and figures["data"] == {"question_cycle": ["shape", "colour"]}
+    assert set(figures["sft"]) == {"overall", "shape", "colour"}  # only the asked question types
+    assert set(figures["base"]) == set(figures["sft"]) and figures["sft_cpu_s"] > 0
+    assert (tmp_path / "eval" / "metrics.json").is_file()
