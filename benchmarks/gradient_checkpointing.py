@@ -11,10 +11,12 @@ tokens per sample the collator produced. Ratios (on / off) are within one run.
 
 Cases:
 - ``tiny``: the embedded demo model (``common/tiny_model.py``), demo rows (128 px shapes).
-- ``smolvlm-256m@512`` / ``@1024``: a random-weight model with SmolVLM-256M's real shape
-  (``common/model_shapes.py``: 93M-parameter SigLIP at 512 px tiles, 30 x 576 Llama, 64 tokens per tile),
-  demo rows prepared with prepare-data's ``longest_edge`` 512 (one tile: 64 image tokens, what need-based
-  sizing gives a 128 px image) and 1024 (4 tiles + the global view: 320 image tokens).
+- ``smolvlm-256m@512``: a random-weight model with SmolVLM-256M's real shape (``common/model_shapes.py``:
+  93M-parameter SigLIP at 512 px tiles, 30 x 576 Llama, 64 tokens per tile), demo rows (128 px) under the
+  default need-based sizing capped at 512: one tile, 64 image tokens.
+- ``smolvlm-256m@1024-fixed`` / ``@2048-fixed``: the same rows with ``image_sizing: fixed`` (upscaled to the
+  edge, as the processor does by default): 4 tiles + the global view (320 image tokens), and at the processor's
+  own 2048 px 16 tiles + the global view (1,088): where activations, not the model, set the peak.
 
 The same QLoRA recipe as the pipeline (``components.sft.core.run``: NF4 base, LoRA r=16 on the text model,
 connector and lm_head trained), batch ``--batch-size``, ``--steps`` steps, fp32 compute (CPU). The last line
@@ -36,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CASES = {  # name -> (model, prepare-data longest_edge; None = the processor's own)
-    "tiny": ("tiny", None),
-    "smolvlm-256m@512": ("smolvlm-256m", 512),
-    "smolvlm-256m@1024": ("smolvlm-256m", 1024),
+CASES = {  # name -> (model, prepare-data longest_edge (None = the processor's own), image_sizing)
+    "tiny": ("tiny", None, "need"),
+    "smolvlm-256m@512": ("smolvlm-256m", 512, "need"),
+    "smolvlm-256m@1024-fixed": ("smolvlm-256m", 1024, "fixed"),
+    "smolvlm-256m@2048-fixed": ("smolvlm-256m", 2048, "fixed"),
 }
 SMOKE_CASES = ("tiny",)
 
@@ -55,7 +58,7 @@ def build_model(workdir: Path, model: str) -> Path:
     return build_shaped_model(workdir / f"model-{model}", model)
 
 
-def prepare(workdir: Path, model_dir: Path, case: str, longest_edge: int | None, rows: int) -> Path:
+def prepare(workdir: Path, model_dir: Path, case: str, longest_edge: int | None, sizing: str, rows: int) -> Path:
     out = workdir / f"data-{case}-{rows}"
     if (out / "manifest.json").exists():
         return out
@@ -67,7 +70,8 @@ def prepare(workdir: Path, model_dir: Path, case: str, longest_edge: int | None,
     source = workdir / f"source-{rows}"
     if not (source / "DONE").exists():
         write_demo_data(source, rows=rows, preference_rows=0)
-    settings = {"task": "sft", "processor": str(model_dir), "eval_fraction": 0.0, "progress": False, "num_workers": 0}
+    settings = {"task": "sft", "processor": str(model_dir), "eval_fraction": 0.0, "progress": False, "num_workers": 0,
+                "image_sizing": sizing}
     if longest_edge:
         settings["longest_edge"] = longest_edge
     run(build_config(PrepareDataConfig, settings), str(source / "sft"), str(out))
@@ -157,14 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     results = {}
     for name in names:
-        model, longest_edge = CASES[name]
+        model, longest_edge, sizing = CASES[name]
         model_dir = build_model(workdir, model)
-        data = prepare(workdir, model_dir, name, longest_edge, rows)
+        data = prepare(workdir, model_dir, name, longest_edge, sizing, rows)
         manifest = json.loads((data / "manifest.json").read_text())
         tokens = {"image_tokens_per_image": (manifest.get("tokens_per_image") or {}).get("histogram")}
         off, on = (run_child(model_dir, data, workdir / f"out-{name}-gc{int(gc)}", gc, args) for gc in (False, True))
         results[name] = {
-            "model": model, "longest_edge": longest_edge, **activation_scale(model_dir), "dataset_tokens": tokens,
+            "model": model, "longest_edge": longest_edge, "image_sizing": sizing, **activation_scale(model_dir), "dataset_tokens": tokens,
             "off": off, "on": on,
             "cpu_time_ratio_on_vs_off": on["cpu_s_per_step"] / off["cpu_s_per_step"],
             "peak_rss_ratio_on_vs_off": on["peak_rss_mb"] / off["peak_rss_mb"],
