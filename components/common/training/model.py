@@ -41,15 +41,13 @@ def text_activation_units(base_model: str, trust_remote_code: bool = False) -> i
     return int(layers) * int(hidden) if layers and hidden else None
 
 
-# ``gradient_checkpointing: auto`` on a CPU, chosen by benchmarks/gradient_checkpointing.py (QLoRA SFT, batch 2,
-# one thread; `python benchmarks/readme_figures.py --only gradient_checkpointing` saves its JSON under
-# benchmarks/results/, not yet done: the figures below are from its 2026-12-03 run's log). On a CPU checkpointing costs much more than the
-# textbook third: SmolVLM-256M-shaped at 512 px (84 tokens/sample) took 2.31x the CPU time per step for 4% less
-# peak RSS (the model load, not activations, sets the peak there); the tiny demo model 1.2x for nothing. It pays
-# only when activations, not the model, set the peak: a SmolVLM-256M run at its own 2048 px images (1,128 tokens
-# per sample) peaked at 13.1 GB without it, and at 1024 px (351 tokens/sample, batch 2) 5.5 GB against 2.9 GB at 512
-# px (the 1024 px run with checkpointing had not finished when this rule was set: rerun the benchmark to
-# confirm). So: on when the activations a batch keeps without checkpointing are estimated at >= 2 GiB. Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
+# ``gradient_checkpointing: auto`` on a CPU, chosen by measurement: benchmarks/gradient_checkpointing.py (QLoRA
+# SFT, batch 2, one thread; results in benchmarks/results/gradient_checkpointing.json, 2026-12-04). On a CPU
+# checkpointing costs far more than the textbook third, 2-2.5x the CPU time per step, and saves memory only when
+# activations, not the model, set the peak. SmolVLM-256M-shaped: at 85 tokens/sample (need-based 512 px) 2% less
+# peak RSS; at 352 (1024 px, fixed sizing) 20% *more*; at 1,146 (its own 2048 px, fixed) 12.6 -> 10.5 GB (16%
+# less). So: on when the activations a batch keeps without checkpointing are estimated at >= 2 GiB (the 1,146-token
+# case is 5.4 GB by this estimate, the 352-token one 1.7 GB). Estimate: batch x longest row (tokens) x text layers x hidden x 136 bytes (~34 fp32
 # values per hidden unit per layer and token: attention inputs/outputs, the MLP's 2.7x-wide intermediates, norms).
 ACTIVATION_BYTES_PER_TOKEN_UNIT = 136
 CPU_CHECKPOINTING_MIN_ACTIVATION_BYTES = 2 * 2**30
