@@ -37,13 +37,14 @@ def _cli(*args: str) -> tuple[float, float]:
     return time.perf_counter() - start, cpu
 
 
-def _config_file(path: Path, section: dict, sets: list[str]) -> Path:
-    config = dict(section)
-    for item in sets:
-        key, _, value = item.partition("=")
-        config[key] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(config))
+def _config_file(path: Path, section: dict) -> Path:
+    path.write_text(yaml.safe_dump(section))
     return path
+
+
+def _overrides(sets: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` for the step CLI, which parses and checks each against its config class."""
+    return [arg for item in sets for arg in ("--set", item)]
 
 
 def main() -> None:
@@ -68,31 +69,31 @@ def main() -> None:
     build_tiny_model(w / "model", seed=DEMO_SEED, **model_knobs)
     data_knobs = json.loads(args.data)
     write_demo_data(w / "data", rows=args.rows, preference_rows=max(args.rows // 3, 40), seed=DEMO_SEED, **data_knobs)
-    prep = _config_file(w / "prepare.yaml", config["prepare_config"], [])
+    prep = _config_file(w / "prepare.yaml", config["prepare_config"])
     figures: dict = {"model": model_knobs, "rows": args.rows, "data": data_knobs, "sft_set": args.sets, "dpo_set": args.dpo_sets}
-    for task, src in (("sft", "sft"), ("preference", "preference")):
-        _cli("prepare-data", "--source", str(w / "data" / src), "--output", str(w / f"prep-{src}"), "--task", task,
+    for task in ("sft", "preference"):
+        _cli("prepare-data", "--source", str(w / "data" / task), "--output", str(w / f"prep-{task}"), "--task", task,
              "--processor", str(w / "model"), "--config", str(prep), "--no-progress")
-    sft_cfg = _config_file(w / "sft.yaml", config["sft_config"], args.sets)
+    sft_cfg = _config_file(w / "sft.yaml", config["sft_config"])
     figures["sft_wall_s"], figures["sft_cpu_s"] = _cli(
         "sft", "--dataset", str(w / "prep-sft"), "--output", str(w / "sft"), "--base-model", str(w / "model"),
-        "--config", str(sft_cfg))
+        "--config", str(sft_cfg), *_overrides(args.sets))
     models = ["--model", f"sft={w / 'sft'}"]
     if args.dpo:
-        dpo_cfg = _config_file(w / "dpo.yaml", config["dpo_config"], args.dpo_sets)
+        dpo_cfg = _config_file(w / "dpo.yaml", config["dpo_config"])
         figures["dpo_wall_s"], figures["dpo_cpu_s"] = _cli(
             "dpo", "--dataset", str(w / "prep-preference"), "--sft-model", str(w / "sft"),
-            "--sft-dataset", str(w / "prep-sft"), "--output", str(w / "dpo"), "--config", str(dpo_cfg))
+            "--sft-dataset", str(w / "prep-sft"), "--output", str(w / "dpo"), "--config", str(dpo_cfg),
+            *_overrides(args.dpo_sets))
         models += ["--model", f"dpo={w / 'dpo'}"]
-    eval_cfg = _config_file(w / "eval.yaml", {**config["eval_config"], "min_delta": 0.0}, [])
+    eval_cfg = _config_file(w / "eval.yaml", {**config["eval_config"], "min_delta": 0.0})
     _cli("evaluate", "--dataset", str(w / "prep-sft"), "--base-model", str(w / "model"), *models,
          "--output", str(w / "eval"), "--config", str(eval_cfg))
     metrics = json.loads((w / "eval" / "metrics.json").read_text())
     for name, by_metric in metrics["by_model"].items():
         em = by_metric["exact_match"]
         figures[name] = {"overall": round(em["score"], 3),
-                         **{c: round(v["score"] if isinstance(v, dict) else v, 3)
-                            for c, v in (em.get("per_category") or {}).items()}}
+                         **{c: round(v["score"], 3) for c, v in (em.get("per_category") or {}).items()}}
     print(json.dumps(figures, sort_keys=True, default=str))
 
 
